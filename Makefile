@@ -1,0 +1,31 @@
+# facebce: `make demo` and `make test` work on a fresh machine (Python 3.10+ with venv).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.facebce-installed
+DEMO   ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: install test test-slow demo bench clean
+
+install: $(STAMP)
+
+# torch is pinned to the local CPU wheel (no torchvision, no CUDA packages); everything else from PyPI.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# pytest exits 5 when it collects nothing, so an empty run fails here instead of passing.
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python tools/demo.py --out $(DEMO)
+
+clean:
+	rm -rf $(DEMO) build *.egg-info .pytest_cache

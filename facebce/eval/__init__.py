@@ -1,0 +1,1 @@
+"""Evaluation: verification, identification and uniform-classification metrics (one implementation each)."""

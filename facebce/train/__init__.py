@@ -1,0 +1,1 @@
+"""facebce.train."""
