@@ -1,5 +1,5 @@
 """Data layer: RecordIO (.rec/.idx/property), image folders, verification .bin, synthetic identities. Imports nothing else of facebce but facebce.errors."""
 from facebce.data.image_folder import ImageFolderDataset, scan_image_folder
 from facebce.data.rec_dataset import RecDataset, read_property
-from facebce.data.recordio import (IndexedRecordReader, IRHeader, PackSummary, RecordIOWriter, pack_image_folder,
-                                   pack_image_record, unpack_image_record)
+from facebce.data.recordio import IndexedRecordReader, IRHeader, PackSummary, RecordIOWriter
+from facebce.data.recordio import pack_image_folder, pack_image_record, unpack_image_record

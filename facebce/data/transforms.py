@@ -35,8 +35,9 @@ def decode_image(buf: bytes | np.ndarray, *, where: str, size: tuple[int, int] |
 
 def to_tensor(img_rgb: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 RGB -> 3xHxW float32 in [-1, 1] ((x - 127.5) / 127.5, as insightface trains)."""
-    t = torch.from_numpy(np.ascontiguousarray(img_rgb)).permute(2, 0, 1).float()
-    return t.sub_(INPUT_MEAN).div_(INPUT_STD)
+    # One numpy pass (transpose + cast) is faster than permuting a torch view; same bits.
+    chw = img_rgb.transpose(2, 0, 1).astype(np.float32)
+    return torch.from_numpy((chw - np.float32(INPUT_MEAN)) / np.float32(INPUT_STD))
 
 
 def random_hflip(img_rgb: np.ndarray, p: float = 0.5) -> np.ndarray:
