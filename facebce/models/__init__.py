@@ -18,7 +18,7 @@ from facebce.errors import ModelError
 from facebce.models.iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
 from facebce.models.mobilefacenet import MobileFaceNet, mobilefacenet
 
-__all__ = ["IResNet", "MobileFaceNet", "build_backbone", "list_backbones", "load_insightface_weights",
+__all__ = ["IResNet", "MobileFaceNet", "build_backbone", "describe_backbones", "list_backbones", "load_insightface_weights",
            "register_backbone"]
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
@@ -112,3 +112,14 @@ def load_insightface_weights(model: nn.Module, path_or_state_dict: str | os.Path
                          f"(embedding_size={getattr(model, 'embedding_size', '?')}): " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def describe_backbones(embedding_size: int = 512) -> list[dict]:
+    """Name, class and parameter count of every registered backbone (built on the meta device: no memory)."""
+    rows = []
+    for name in list_backbones():
+        with torch.device("meta"):
+            model = build_backbone(name, embedding_size=embedding_size)
+        rows.append({"name": name, "class": type(model).__name__, "embedding_size": embedding_size,
+                     "parameters": sum(p.numel() for p in model.parameters())})
+    return rows

@@ -1,0 +1,42 @@
+"""The CLI is a thin shell: subcommands exist, bad input exits non-zero with one line on stderr."""
+import subprocess
+import sys
+
+import pytest
+
+from facebce.cli import PLANNED, main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "facebce.cli", *args], capture_output=True, text=True)
+
+
+def test_help_lists_every_subcommand():
+    out = run("--help")
+    assert out.returncode == 0
+    for name in ["data", "models", *PLANNED]:
+        assert name in out.stdout
+
+
+def test_models_lists_manifest_sizes(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "r50    IResNet          43,590,848" in out
+    assert "mbf    MobileFaceNet     2,059,520" in out
+
+
+def test_data_round_trip_through_cli(tmp_path, capsys):
+    assert main(["data", "synth", str(tmp_path / "s"), "--identities", "3", "--images", "2", "--rec"]) == 0
+    assert main(["data", "inspect", str(tmp_path / "s" / "rec")]) == 0
+    assert "6 images, 3 classes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "inspect", "/nonexistent/x.bin"], "/nonexistent/x.bin: no such file"),
+    (["data", "synth", "OUT", "--identities", "0"], "num_identities=0"),
+])
+def test_bad_input_one_line_error(argv, message, tmp_path, capsys):
+    argv = [a.replace("OUT", str(tmp_path / "o")) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("facebce: error: ") and message in err and "\n" not in err
