@@ -1,0 +1,332 @@
+"""Face crops -> embeddings, through an ONNX file (`OnnxEmbedder`) or a torch backbone (`TorchEmbedder`).
+
+One runner family for evaluation and deployment alike, so that both preprocess, batch, flip and
+normalise in exactly the same way. Images go in as OpenCV gives them: uint8 N x H x W x 3 in
+**BGR** order, already aligned at the model's input size; `Preprocess` turns them into what the
+model expects (channel order, mean/std on 0..255 pixels, NCHW float32).
+
+An ONNX file's preprocessing comes from, in order: the `preprocess=` argument, facebce's metadata
+keys (written by `facebce.deploy.export_onnx`), else insightface model_zoo's node-name rule
+(formats.md §7), so that any arcface_torch / insightface model runs as insightface runs it.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import numbers
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from facebce.errors import DataFormatError, ModelError
+
+__all__ = ["META_COLOR", "META_MEAN", "META_STD", "META_THRESHOLD", "OnnxEmbedder", "Preprocess",
+           "TorchEmbedder", "default_providers", "insightface_preprocess"]
+
+# facebce's ONNX metadata_props keys read here (export.py writes them and a few more).
+META_MEAN = "input_mean"
+META_STD = "input_std"
+META_COLOR = "color_order"
+META_THRESHOLD = "threshold"
+
+_PROGRESS_MIN_IMAGES = 1000  # below this a progress bar is noise
+_SNIFF_NODES = 8  # insightface's ArcFaceONNX looks at the first 8 graph nodes only
+
+
+def _channel_values(value, name: str) -> float | tuple[float, float, float]:
+    """A scalar, or 3 values (one per channel), as finite floats."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        values = (float(value),)
+    elif isinstance(value, Sequence) and len(value) == 3 and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        values = tuple(float(v) for v in value)
+    else:
+        raise ModelError(f"preprocess {name}={value!r}: expected a number or 3 numbers (one per channel)")
+    if not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
+        raise ModelError(f"preprocess {name}={value!r}: expected finite values{' > 0' if name == 'std' else ''}")
+    return values[0] if len(values) == 1 else values
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its pixels: `(x - mean) / std` on 0..255 values in `color` channel order.
+
+    `mean` and `std` are scalars or one value per channel *in the model's channel order* (for
+    'rgb', R first). `input_size` is (H, W); None means "the model's own". The defaults are
+    insightface's convention for recognition models, which facebce trains with: RGB, 127.5, 127.5.
+    """
+
+    color: str = "rgb"
+    mean: float | tuple[float, float, float] = 127.5
+    std: float | tuple[float, float, float] = 127.5
+    input_size: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if self.color not in ("rgb", "bgr"):
+            raise ModelError(f"preprocess color={self.color!r}: expected 'rgb' or 'bgr'")
+        object.__setattr__(self, "mean", _channel_values(self.mean, "mean"))
+        object.__setattr__(self, "std", _channel_values(self.std, "std"))
+        if self.input_size is not None:
+            size = tuple(self.input_size)
+            if len(size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in size):
+                raise ModelError(f"preprocess input_size={self.input_size!r}: expected (height, width)")
+            object.__setattr__(self, "input_size", (int(size[0]), int(size[1])))
+
+    def to_blob(self, images_bgr: np.ndarray) -> np.ndarray:
+        """uint8 N x H x W x 3 BGR -> float32 N x 3 x H x W, normalised as the model expects."""
+        x = images_bgr[..., ::-1] if self.color == "rgb" else images_bgr
+        x = x.astype(np.float32)
+        x -= np.asarray(self.mean, np.float32)
+        x /= np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def to_metadata(self) -> dict[str, str]:
+        """The facebce metadata_props that make `OnnxEmbedder` use this preprocessing."""
+        return {META_MEAN: json.dumps(self.mean), META_STD: json.dumps(self.std), META_COLOR: self.color}
+
+    @classmethod
+    def from_metadata(cls, props: Mapping[str, str], where: str) -> Preprocess | None:
+        """Read facebce's keys; None when the model does not have them (not a facebce export)."""
+        if META_MEAN not in props or META_STD not in props:
+            return None
+        try:
+            mean, std = json.loads(props[META_MEAN]), json.loads(props[META_STD])
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{where}: metadata {META_MEAN}/{META_STD} is not JSON ({e})") from None
+        try:
+            return cls(color=props.get(META_COLOR, "rgb"), mean=mean, std=std)
+        except ModelError as e:
+            raise ModelError(f"{where}: bad preprocessing metadata: {e}") from None
+
+
+def insightface_preprocess(model: onnx.ModelProto) -> Preprocess:
+    """insightface model_zoo's rule (ArcFaceONNX): a `Sub*`/`_minus*` and a `Mul*`/`_mul*` node among
+    the first 8 mean the graph normalises itself (MXNet conversions) -> feed raw 0..255; otherwise
+    (x - 127.5) / 127.5. insightface always feeds RGB."""
+    names = [node.name for node in model.graph.node[:_SNIFF_NODES]]
+    has_sub = any(n.startswith(("Sub", "_minus")) for n in names)
+    has_mul = any(n.startswith(("Mul", "_mul")) for n in names)
+    return Preprocess(mean=0.0, std=1.0) if has_sub and has_mul else Preprocess()
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, CPU always as the fallback."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _as_batch(images, size: tuple[int, int]) -> np.ndarray:
+    """Validate `images` (uint8 N x H x W x 3 array, or a list of H x W x 3) into one array."""
+    if isinstance(images, np.ndarray):
+        batch = images
+    else:
+        items = list(images)
+        for i, img in enumerate(items):
+            if not isinstance(img, np.ndarray) or img.ndim != 3:
+                raise DataFormatError(f"images[{i}]: expected an H x W x 3 uint8 array, got "
+                                      f"{getattr(img, 'shape', type(img).__name__)}")
+        if not items:
+            return np.empty((0, *size, 3), np.uint8)
+        if len({img.shape for img in items}) > 1:
+            raise DataFormatError(f"images: crops of different sizes {sorted({img.shape for img in items})}")
+        batch = np.stack(items)
+    if batch.ndim != 4 or batch.shape[3] != 3:
+        raise DataFormatError(f"images: shape {batch.shape}, expected N x H x W x 3 (BGR); "
+                              f"for a single crop pass img[None]")
+    if batch.dtype != np.uint8:
+        raise DataFormatError(f"images: dtype {batch.dtype}, expected uint8 pixels (0..255, BGR)")
+    if batch.shape[1:3] != size:
+        raise DataFormatError(f"images: {batch.shape[1]}x{batch.shape[2]} crops, but the model expects "
+                              f"{size[0]}x{size[1]}; align faces at the model's input size")
+    return batch
+
+
+class _Embedder:
+    """Batching, flip-sum, output checks and L2 normalisation; subclasses run one blob (`_run`)."""
+
+    embedding_size: int | None = None  # D, when the model declares it
+
+    def __init__(self, name: str, preprocess: Preprocess, batch_size: int, flip: bool, normalize: bool,
+                 progress: bool | None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size <= 0:
+            raise ModelError(f"batch_size={batch_size!r}: expected a positive int")
+        self.name = name
+        self.preprocess = preprocess
+        self.batch_size = int(batch_size)
+        self.flip = bool(flip)
+        self.normalize = bool(normalize)
+        self.progress = progress
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.preprocess.input_size
+
+    def _run(self, blob: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _step(self) -> int:
+        return self.batch_size
+
+    def _running(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def embed(self, images) -> np.ndarray:
+        """Embed aligned crops: uint8 N x H x W x 3 **BGR** (OpenCV order), or a list of H x W x 3.
+
+        Returns float32 N x D, L2-normalised when `normalize`. With `flip`, each embedding is
+        embedding(img) + embedding(mirrored img), summed before the normalisation.
+        """
+        batch = _as_batch(images, self.input_size)
+        n, step = len(batch), self._step()
+        show = self.progress if self.progress is not None else n >= _PROGRESS_MIN_IMAGES
+        chunks = []
+        with self._running(), tqdm(total=n, desc=f"embed {os.path.basename(self.name)}", unit="img",
+                                   disable=not show) as bar:
+            for start in range(0, n, step):
+                chunk = batch[start:start + step]
+                emb = self._run(self.preprocess.to_blob(chunk))
+                if self.flip:
+                    emb = emb + self._run(self.preprocess.to_blob(chunk[:, :, ::-1]))
+                chunks.append(np.asarray(emb, np.float32))
+                bar.update(len(chunk))
+        if not chunks:
+            return np.empty((0, self.embedding_size or 0), np.float32)
+        return self._checked(np.concatenate(chunks))
+
+    def _checked(self, emb: np.ndarray) -> np.ndarray:
+        """Refuse NaN/Inf or all-zero embeddings (they would silently score as garbage), then normalise."""
+        bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
+        if bad.size:
+            raise ModelError(f"{self.name}: NaN/Inf embedding for {bad.size} of {len(emb)} images "
+                             f"(first: image {bad[0]})")
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        zero = np.flatnonzero(norms[:, 0] == 0)
+        if zero.size:
+            raise ModelError(f"{self.name}: all-zero embedding for {zero.size} of {len(emb)} images "
+                             f"(first: image {zero[0]}); cannot L2-normalise")
+        return emb / norms if self.normalize else emb
+
+
+class OnnxEmbedder(_Embedder):
+    """Runs a recognition ONNX model (facebce export, arcface_torch, or any NCHW 3 x S x S model) with onnxruntime.
+
+    A fixed batch dimension (e.g. 1) is honoured by running chunks of that size and zero-padding
+    the last one; a symbolic batch runs `batch_size` images at a time. `intra_op_threads` caps
+    onnxruntime's CPU threads (None: its default, one per core, which loses to fewer threads on a
+    CPU that other processes keep busy).
+    """
+
+    def __init__(self, path: str | os.PathLike, preprocess: Preprocess | None = None,
+                 providers: Sequence[str] | None = None, batch_size: int = 64, flip: bool = False,
+                 normalize: bool = True, progress: bool | None = None, intra_op_threads: int | None = None):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ModelError(f"{path}: no such ONNX file")
+        options = ort.SessionOptions()
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = int(intra_op_threads)
+        try:
+            self._session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise ModelError(f"{path}: {len(inputs)} inputs and {len(outputs)} outputs, expected 1 and 1")
+        self._input, self._output = inputs[0].name, outputs[0].name
+        batch, side = _nchw_square(path, inputs[0].shape)
+        self.fixed_batch = batch
+        out_dim = outputs[0].shape[-1] if outputs[0].shape else None
+        self.embedding_size = out_dim if isinstance(out_dim, int) else None
+        self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
+        preprocess = preprocess or Preprocess.from_metadata(self.metadata, path) \
+            or insightface_preprocess(onnx.load(path, load_external_data=False))
+        if preprocess.input_size not in (None, (side, side)):
+            raise ModelError(f"{path}: preprocess input_size={preprocess.input_size} but the model takes {side}x{side}")
+        super().__init__(path, replace(preprocess, input_size=(side, side)), batch_size, flip, normalize, progress)
+
+    @property
+    def providers(self) -> list[str]:
+        return self._session.get_providers()
+
+    @property
+    def threshold(self) -> float | None:
+        """The recommended global threshold from facebce's metadata, or None."""
+        value = self.metadata.get(META_THRESHOLD)
+        try:
+            return None if value is None else float(value)
+        except ValueError:
+            raise ModelError(f"{self.name}: metadata {META_THRESHOLD}={value!r} is not a number") from None
+
+    def _step(self) -> int:
+        return self.fixed_batch or self.batch_size
+
+    def _run(self, blob: np.ndarray) -> np.ndarray:
+        n = len(blob)
+        if self.fixed_batch and n < self.fixed_batch:
+            blob = np.concatenate([blob, np.zeros((self.fixed_batch - n, *blob.shape[1:]), blob.dtype)])
+        return self._session.run([self._output], {self._input: blob})[0][:n]
+
+
+def _nchw_square(path: str, shape: list) -> tuple[int | None, int]:
+    """(fixed batch or None, side) of an input shaped [batch, 3, S, S]; ModelError naming the shape otherwise."""
+    ok = (len(shape) == 4 and shape[1] == 3 and isinstance(shape[2], int) and shape[2] > 0
+          and shape[2] == shape[3])
+    if not ok:
+        raise ModelError(f"{path}: input shape {shape}, expected [batch, 3, S, S] (NCHW, 3 channels, square)")
+    batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    return batch, shape[2]
+
+
+class TorchEmbedder(_Embedder):
+    """Runs a torch backbone (facebce or insightface module layout) under eval + inference_mode.
+
+    `embed` switches the model to eval mode and restores its previous mode afterwards, so training
+    callbacks can call it mid-run. `device=None` keeps the model where it is; a device moves it.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: Preprocess | None = None, device: str | torch.device | None = None,
+                 batch_size: int = 64, flip: bool = False, normalize: bool = True, channels_last: bool = False,
+                 autocast_dtype: torch.dtype | None = None, progress: bool | None = None):
+        preprocess = preprocess or Preprocess()
+        if preprocess.input_size is None:
+            size = getattr(model, "input_size", None)
+            if size is None:
+                raise ModelError(f"{type(model).__name__} has no input_size: "
+                                 f"pass preprocess=Preprocess(input_size=(H, W))")
+            preprocess = replace(preprocess, input_size=tuple(size))
+        if device is not None:
+            model.to(device)
+        param = next(model.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
+        self.model = model
+        self.channels_last = channels_last
+        self.autocast_dtype = autocast_dtype
+        self.embedding_size = getattr(model, "embedding_size", None)
+        super().__init__(type(model).__name__, preprocess, batch_size, flip, normalize, progress)
+
+    @contextlib.contextmanager
+    def _running(self) -> Iterator[None]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _run(self, blob: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(blob).to(self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            return self.model(x).float().cpu().numpy()
