@@ -40,3 +40,30 @@ def test_bad_input_one_line_error(argv, message, tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("facebce: error: ") and message in err and "\n" not in err
+
+
+def test_eval_pth_then_rescore_from_cache(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from facebce.data.tools import synthesize
+    from facebce.models import build_backbone
+    synthesize(tmp_path / "s", identities=6, images=3, pairs=40)
+    torch.manual_seed(0)
+    torch.save(build_backbone("mbf").state_dict(), tmp_path / "mbf.pth")
+    bin_arg = f"custom={tmp_path / 's' / 'pairs.bin'}"
+    argv = [str(tmp_path / "mbf.pth"), bin_arg, "--arch", "mbf", "--cache", str(tmp_path / "c"),
+            "--threshold", "fixed:0.5", "--out", str(tmp_path / "r")]
+    assert main(["eval", *argv]) == 1  # 'custom' is not a pairs .bin protocol name
+    assert "custom" in capsys.readouterr().err
+    argv[1] = bin_arg.replace("custom=", "lfw=")
+    assert main(["eval", *argv]) == 0
+    first = json.loads((tmp_path / "r" / "report.json").read_text())
+    out = capsys.readouterr().out
+    assert "| lfw | 40 |" in out and "fixed:0.5" in out
+    name = out.split("--model-name ")[1].split()[0]
+    assert main(["eval", "-", argv[1], "--cache", str(tmp_path / "c"), "--model-name", name,
+                 "--threshold", "fixed:0.5", "--out", str(tmp_path / "r2")]) == 0
+    second = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert second["sets"] == first["sets"]

@@ -1,0 +1,250 @@
+"""An EvalReport as files: JSON (every number, machine-readable), Markdown tables, PNG plots.
+
+The Markdown puts each set's own best threshold beside the accuracy at the one global threshold,
+because the gap between the two is what a deployment with one threshold pays. Plots use
+matplotlib's Agg canvas directly (no pyplot, no global backend switch). `write_report` writes into
+a temporary folder and moves each finished file into place with os.replace, so a reader never sees
+a half-written report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from facebce.eval.roc import Roc
+from facebce.eval.runner import EvalReport
+from facebce.eval.tenfold import ACCURACY_THRESHOLDS, VAL_FAR_TARGET
+
+_ARRAYS_LEFT_OUT = ("scores", "issame", "labels")  # per-pair data goes to scores.npz, not JSON
+
+
+# ----------------------------------------------------------------------------- JSON
+
+def report_to_dict(report: EvalReport) -> dict:
+    """Every number of the report as plain JSON types; NaN and infinities become null."""
+    out = _plain(report)
+    for s in out["sets"]:
+        if s["ten_fold"] is not None:
+            s["ten_fold"]["roc_thresholds"] = _plain(ACCURACY_THRESHOLDS)  # squared-distance grid of tpr/fpr
+            s["ten_fold"]["val_far_target"] = VAL_FAR_TARGET
+    return out
+
+
+def _plain(x):
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name not in _ARRAYS_LEFT_OUT}
+    if isinstance(x, dict) or hasattr(x, "items"):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, np.ndarray):
+        return [_plain(v) for v in x.tolist()] if x.ndim else _plain(x.item())
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, (np.integer, np.bool_)):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def to_json(report: EvalReport) -> str:
+    return json.dumps(report_to_dict(report), indent=1, allow_nan=False)
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+def _pct(x, digits: int = 2) -> str:
+    return "—" if x is None or not np.isfinite(x) else f"{100 * x:.{digits}f}"
+
+
+def _num(x, fmt: str = ".4f") -> str:
+    return "—" if x is None or not np.isfinite(x) else format(x, fmt)
+
+
+def to_markdown(report: EvalReport) -> str:
+    """Header (model, threshold source, TAR mode, flip), then one table per section."""
+    t = report.threshold
+    fitted = f", fitted on {' + '.join(t.fitted_on)} (accuracy {_pct(t.fitted_accuracy)} %)" if t.fitted_on else ""
+    lines = [
+        "# facebce evaluation", "",
+        f"- model: {report.model}",
+        f"- global threshold: **{t.value:.4f}** from `{t.source}`{fitted}; accept a pair iff cosine > threshold",
+        f"- TAR@FAR mode: {report.tar_mode}; flip: {'flip-sum' if report.flip else 'off'}",
+        f"- facebce {report.facebce_version}, {report.created}", "",
+    ]
+    if report.sets:
+        lines += _pairs_table(report)
+    for ijb in report.ijb:
+        lines += _ijb_tables(ijb, report)
+    if report.uniform is not None:
+        lines += _uniform_table(report)
+    return "\n".join(lines) + "\n"
+
+
+def _pairs_table(report: EvalReport) -> list[str]:
+    lines = [
+        "## Verification sets", "",
+        "10-fold refits its threshold per fold (insightface protocol); *best* is each set's own single "
+        "threshold; *global* is the one threshold above, applied to every set.", "",
+        "| set | pairs | 10-fold acc % | VAL@FAR=1e-3 % | best acc % | best t | global acc % | TAR@t % | FAR@t % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in report.sets:
+        tf = s.ten_fold
+        tenfold = f"{_pct(tf.accuracy)} ± {_pct(tf.std)}" if tf else "—"
+        val = f"{_pct(tf.val)} ± {_pct(tf.val_std)} (FAR {_pct(tf.far, 3)} %)" if tf else "—"
+        lines.append(f"| {s.name} | {s.n_pairs} | {tenfold} | {val} | {_pct(s.best.accuracy)} "
+                     f"| {_num(s.best.threshold)} | {_pct(s.at_global.accuracy)} | {_pct(s.at_global.tar)} "
+                     f"| {_pct(s.at_global.far, 3)} |")
+    with_tar = [s for s in report.sets if s.tar_at_far is not None]
+    if with_tar:
+        targets = with_tar[0].tar_at_far.far_targets
+        lines += ["", f"TAR@FAR % (mode {report.tar_mode}; — where the set has too few impostors to resolve it)", "",
+                  "| set | " + " | ".join(f"{f:.0e}" for f in targets) + " |",
+                  "|---|" + "---|" * len(targets)]
+        lines += [f"| {s.name} | " + " | ".join(_pct(x) for x in s.tar_at_far.tar) + " |" for s in with_tar]
+    return lines + [""]
+
+
+def _ijb_tables(ijb, report: EvalReport) -> list[str]:
+    o = ijb.options
+    lines = [f"## {ijb.name} (1:1)", "",
+             f"{ijb.n_images} images, {ijb.n_templates} templates, {ijb.n_pairs} pairs ({ijb.n_genuine} genuine); "
+             f"flip {o['flip']}, image_l2norm {o['image_l2norm']}, face_score_weight {o['face_score_weight']}", "",
+             "| TAR@FAR % | " + " | ".join(f"{f:.0e}" for f in ijb.tar_at_far.far_targets) + " |",
+             "|---|" + "---|" * len(ijb.tar_at_far.far_targets)]
+    for r in (ijb.tar_at_far, ijb.tar_at_far_parity):
+        lines.append(f"| {r.mode}{' (eval_ijbc.py)' if r.mode == 'insightface' else ''} | "
+                     + " | ".join(_pct(x) for x in r.tar) + " |")
+    if ijb.at_threshold is not None:
+        a = ijb.at_threshold
+        lines += ["", f"At the global threshold {a.threshold:.4f}: TAR {_pct(a.tar)} %, FAR {_pct(a.far, 4)} %"]
+    ident = ijb.identification
+    if ident is not None:
+        targets = ident.fpir_targets
+        lines += ["", f"## {ijb.name} (1:N, open set)", "",
+                  "| gallery | mated | non-mated | top-1 % | top-5 % | top-10 % | "
+                  + " | ".join(f"TPIR@{f:.0e} %" for f in targets) + " | TPIR@t % | FPIR@t % |",
+                  "|---|---|---|---|---|---|" + "---|" * (len(targets) + 2)]
+        for g, r in ident.galleries.items():
+            tp, fp = ident.at_threshold[g] if ident.at_threshold else (None, None)
+            lines.append(f"| {g} | {r.n_mated} | {r.n_non_mated} | "
+                         + " | ".join(_pct(r.cmc.get(k)) for k in (1, 5, 10)) + " | "
+                         + " | ".join(_pct(x) for x in r.tpir) + f" | {_pct(tp)} | {_pct(fp)} |")
+        lines.append("| mean (ijb_evals) | | | " + " | ".join(_pct(ident.cmc.get(k)) for k in (1, 5, 10)) + " | "
+                     + " | ".join(_pct(x) for x in ident.tpir) + " | | |")
+    return lines + [""]
+
+
+def _uniform_table(report: EvalReport) -> list[str]:
+    u = report.uniform
+    gap = "—" if u.gap is None else f"{abs(u.gap):.4f}"
+    return ["## Uniform classification", "",
+            "| SW acc % | Uni acc % | t* | segment | bias | \\|bias − t*\\| |", "|---|---|---|---|---|---|",
+            f"| {_pct(u.sample_wise)} | {_pct(u.uniform.accuracy)} | {_num(u.uniform.threshold)} "
+            f"| ({_num(u.uniform.segment[0])}, {_num(u.uniform.segment[1])}) | {_num(u.bias)} | {gap} |", ""]
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, format="png")
+
+
+def plot_roc(report: EvalReport, path: Path) -> None:
+    """ROC of every set (pairs and IJB 1:1) on a log FAR axis."""
+    fig = Figure(figsize=(6.4, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    curves = [(s.name, s.scores, s.issame) for s in report.sets] + [(r.name, r.scores, r.labels) for r in report.ijb]
+    for name, scores, labels in curves:
+        if not 0 < labels.sum() < labels.size:
+            continue
+        fpr, tpr, _ = Roc.from_labels(scores, labels).curve()
+        keep = fpr > 0
+        ax.step(fpr[keep], tpr[keep], where="post", label=name)
+    ax.set_xscale("log")
+    ax.set(xlabel="FAR (false accept rate)", ylabel="TAR (true accept rate)", title="ROC — " + report.model.split(",")[0][:60])
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def plot_histogram(report: EvalReport, s, path: Path) -> None:
+    """Genuine vs impostor cosines of one set with the thresholds that matter marked."""
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    bins = np.linspace(min(s.scores.min(), -0.2), max(s.scores.max(), 1.0), 81)
+    ax.hist(s.scores[s.issame], bins=bins, alpha=0.55, density=True, label="genuine", color="tab:green")
+    ax.hist(s.scores[~s.issame], bins=bins, alpha=0.55, density=True, label="impostor", color="tab:red")
+    marks = [(report.threshold.value, f"global {report.threshold.source} ({report.threshold.value:.3f})", "k", "-"),
+             (s.best.threshold, f"own best ({s.best.threshold:.3f})", "tab:blue", "--")]
+    t_star = report.uniform.uniform.threshold if report.uniform is not None else float("nan")
+    if np.isfinite(t_star):
+        marks.append((t_star, f"t* ({t_star:.3f})", "tab:purple", ":"))
+    if report.bias is not None:
+        marks.append((report.bias, f"learned bias ({report.bias:.3f})", "tab:orange", "-."))
+    for x, label, colour, style in marks:
+        ax.axvline(x, color=colour, linestyle=style, label=label)
+    ax.set(xlabel="cosine score", ylabel="density", title=f"{s.name}: {s.n_pairs} pairs")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_accuracy_bars(report: EvalReport, path: Path) -> None:
+    """Per set: accuracy at the global threshold next to the set's own best single threshold."""
+    fig = Figure(figsize=(max(4.5, 1.3 * len(report.sets) + 2), 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(len(report.sets))
+    bars = [ax.bar(x - 0.2, [100 * s.at_global.accuracy for s in report.sets], 0.4,
+                   label=f"global {report.threshold.source} (t={report.threshold.value:.3f})"),
+            ax.bar(x + 0.2, [100 * s.best.accuracy for s in report.sets], 0.4, label="own best threshold")]
+    for b in bars:
+        ax.bar_label(b, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, [s.name for s in report.sets])
+    low = min(min(100 * s.at_global.accuracy, 100 * s.best.accuracy) for s in report.sets)
+    ax.set_ylim(max(0.0, low - 2), 100)
+    ax.set(ylabel="accuracy %", title="One threshold for all vs each set's own")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize=8)
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- writing
+
+def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write report.json, report.md, scores.npz and the PNG plots into `out_dir`; returns name -> path.
+
+    Files are made in a temporary folder inside `out_dir`, then each is moved into place.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".report-{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
+        (tmp / "report.md").write_text(to_markdown(report), encoding="utf-8")
+        if report.sets:
+            np.savez(tmp / "scores.npz", **{f"{s.name}.scores": s.scores for s in report.sets},
+                     **{f"{s.name}.issame": s.issame for s in report.sets})
+            plot_accuracy_bars(report, tmp / "accuracy_bars.png")
+            for s in report.sets:
+                plot_histogram(report, s, tmp / f"hist_{s.name}.png")
+        if report.sets or report.ijb:
+            plot_roc(report, tmp / "roc.png")
+        written = {}
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+            written[f.name] = out / f.name
+        return written
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,90 @@
+"""Reports render: JSON with every number (NaN as null), Markdown tables, non-empty PNGs, atomic writes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from facebce.data.synthetic import SyntheticFaces, make_pairs
+from facebce.data.verification_bin import save_bin
+from facebce.eval.report import to_markdown, write_report
+from facebce.eval.runner import evaluate
+from facebce.eval.uniform import uniform_accuracy
+from tests.eval.fakes import ProjectionEmbedder
+from tests.eval.ijb_synthetic import align_for_tests
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, synthetic_ijb):
+    root = tmp_path_factory.mktemp("report")
+    (root / "protocols").mkdir()
+    for name, seed in (("set_a", 1), ("set_b", 2)):
+        images, issame = make_pairs(SyntheticFaces(10, 4, seed=seed, difficulty=0.4), 40, seed=seed)
+        save_bin(root / f"{name}.bin", images, issame)
+        (root / "protocols" / f"{name}.yaml").write_text(f"name: {name}\nkind: pairs_bin\nfile: {name}.bin\n")
+    scores, labels = _uniform_inputs()
+    with pytest.warns(UserWarning, match="sizes differ"):
+        return evaluate(ProjectionEmbedder(), [("set_a", root / "set_a.bin"), ("set_b", root / "set_b.bin"),
+                                               ("ijbc", synthetic_ijb)],
+                        protocol_paths=[root / "protocols"], bias=0.31, uniform=(scores, labels),
+                        align=align_for_tests, progress=False)
+
+
+def test_writes_every_file(report, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    written = write_report(report, tmp_path)
+    assert set(written) == {"report.json", "report.md", "scores.npz", "roc.png", "accuracy_bars.png",
+                            "hist_set_a.png", "hist_set_b.png"}
+    for name in written:
+        if name.endswith(".png"):
+            data = (tmp_path / name).read_bytes()
+            assert data.startswith(PNG) and len(data) > 5000, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*written, "keep.txt"])  # no temp folder left
+    write_report(report, tmp_path)  # a second write replaces the files
+    with np.load(tmp_path / "scores.npz") as z:
+        np.testing.assert_array_equal(z["set_a.scores"], report.set("set_a").scores)
+
+
+def test_json_has_every_number_and_no_nan(report, tmp_path):
+    write_report(report, tmp_path)
+    text = (tmp_path / "report.json").read_text()
+    d = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    s, r = d["sets"][0], report.sets[0]
+    assert s["name"] == "set_a" and s["ten_fold"]["accuracy"] == r.ten_fold.accuracy
+    assert s["ten_fold"]["fold_accuracies"] == r.ten_fold.fold_accuracies.tolist()
+    assert len(s["ten_fold"]["tpr"]) == len(s["ten_fold"]["roc_thresholds"]) == 400
+    assert s["best"]["threshold"] == r.best.threshold and s["at_global"]["accuracy"] == r.at_global.accuracy
+    assert s["tar_at_far"]["tar"][0] is None  # FAR 1e-6 with 20 impostors: NaN -> null
+    assert d["threshold"] == {"source": "fit:union", "value": report.threshold.value,
+                              "fitted_on": ["set_a", "set_b"], "fitted_accuracy": report.threshold.fitted_accuracy}
+    ijb = d["ijb"][0]
+    assert ijb["name"] == "ijbc" and ijb["tar_at_far_parity"]["mode"] == "insightface"
+    assert set(ijb["identification"]["galleries"]) == {"G1", "G2"} and "scores" not in ijb
+    assert d["uniform"]["uniform"]["accuracy"] == report.uniform.uniform.accuracy
+    assert d["uniform"]["gap"] == pytest.approx(0.31 - report.uniform.uniform.threshold)
+
+
+def test_markdown_tables(report):
+    md = to_markdown(report)
+    t = report.threshold
+    assert f"global threshold: **{t.value:.4f}** from `fit:union`" in md
+    assert "TAR@FAR mode: conservative; flip: flip-sum" in md and "- model: ProjectionEmbedder" in md
+    for s in report.sets:
+        row = (f"| {s.name} | 40 | {100 * s.ten_fold.accuracy:.2f} ± {100 * s.ten_fold.std:.2f} |")
+        assert row in md
+        assert f"| {100 * s.best.accuracy:.2f} | {s.best.threshold:.4f} | {100 * s.at_global.accuracy:.2f} |" in md
+    assert "## ijbc (1:1)" in md and "| insightface (eval_ijbc.py) |" in md and "## ijbc (1:N, open set)" in md
+    assert "| G1 | 40 | 40 |" in md
+    u = uniform_accuracy(*_uniform_inputs())
+    assert "## Uniform classification" in md and f"| {u.threshold:.4f} |" in md
+
+
+def _uniform_inputs():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 200)
+    scores = rng.normal(0, 0.2, (200, 8))
+    scores[np.arange(200), labels] += 0.6
+    return scores, labels
