@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from facebce import __version__
 from facebce.errors import FacebceError
@@ -10,9 +11,6 @@ from facebce.errors import FacebceError
 # Subcommands that later milestones own; they answer clearly instead of pretending.
 PLANNED = {
     "train": "train a backbone + head from a YAML recipe",
-    "export": "export a backbone to ONNX with parity checks",
-    "gallery": "build and search a FAISS gallery with open-set rejection",
-    "align": "detect and align faces in raw photos (SCRFD + 5 points)",
 }
 
 
@@ -52,7 +50,6 @@ def _cmd_eval(args) -> None:
     from facebce.eval.protocols import describe_protocols
     from facebce.eval.report import to_markdown
     from facebce.eval.runner import evaluate
-    from facebce.eval.model_loading import ModelSpec
     if args.list:
         print(describe_protocols(args.protocols))
         return
@@ -64,10 +61,7 @@ def _cmd_eval(args) -> None:
         sets.append((name, path))
     if not sets:
         raise FacebceError("no evaluation sets given: add PROTOCOL=PATH arguments (see --list)")
-    model = None
-    if args.model != "-":
-        model = ModelSpec(args.model, arch=args.arch, embedding_size=args.embedding_size, color=args.color,
-                          mean=_floats(args.mean), std=_floats(args.std), batch_size=args.batch_size)
+    model = None if args.model == "-" else _model_spec(args)
     from facebce.deploy.align import norm_crop  # IJB crops are aligned on the fly
     report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=args.bias,
                       cache_dir=args.cache, out_dir=args.out, tar_mode=args.tar_mode,
@@ -78,6 +72,82 @@ def _cmd_eval(args) -> None:
               f"facebce eval - ... --cache {args.cache} --model-name {model.key}")
     if args.out:
         print(f"\nreport written to {args.out}/ (report.json, report.md, plots)")
+
+
+def _model_spec(args):
+    from facebce.eval.model_loading import ModelSpec
+    return ModelSpec(args.model, arch=args.arch, embedding_size=args.embedding_size, color=args.color,
+                     mean=_floats(args.mean), std=_floats(args.std), batch_size=args.batch_size)
+
+
+def _cmd_export(args) -> None:
+    from facebce.deploy.export import export_onnx
+    from facebce.models import build_backbone, load_insightface_weights
+    if not args.arch:
+        raise FacebceError(f"{args.model}: give --arch (r18 r34 r50 r100 r200 mbf) for a backbone state_dict")
+    model = load_insightface_weights(build_backbone(args.arch, embedding_size=args.embedding_size), args.model)
+    parity = None
+    if args.parity_bin:
+        from facebce.data.verification_bin import load_bin
+        parity = load_bin(args.parity_bin).decode(progress=False)[: args.parity_images, ..., ::-1].copy()
+    metadata = {"backbone": args.arch, **{k: getattr(args, k) for k in ("head", "bias", "threshold")
+                                          if getattr(args, k) is not None}}
+    report = export_onnx(model, args.out, opset=args.opset, metadata=metadata, parity_images=parity,
+                         variants=[v for v in args.variants.split(",") if v])
+    print(f"exported {args.arch} -> {report.path} (opset {report.opset}, dynamic batch {report.dynamic_batch})")
+    for name, v in report.variants.items():
+        print(f"  {name:5} {v.path}: {v.size_bytes / 1e6:.1f} MB, min cosine vs PyTorch {v.min_cosine:.7f} "
+              f"over {report.n_parity_images} images, max |diff| {v.max_abs_diff:.2e}")
+    print(f"  report: {report.report_path}")
+
+
+def _cmd_gallery(args) -> None:
+    from facebce.deploy.enrol import enrol_folder, format_results, search_files
+    from facebce.deploy.gallery import Gallery
+    if args.action == "info":
+        for key, value in Gallery.load(args.gallery).info().items():
+            print(f"{key}: {value}")
+        return
+    if args.action == "remove":
+        g = Gallery.load(args.gallery)
+        n = g.remove(identity=args.identity) if args.identity else g.remove(ids=[int(i) for i in args.ids.split(",")])
+        g.save(args.gallery)
+        print(f"{args.gallery}: removed {n} entries; {len(g)} remain")
+        return
+    if not args.model or not args.inputs:
+        raise FacebceError(f"gallery {args.action}: give --model and at least one image folder or file")
+    embedder = _model_spec(args).build(flip=not args.no_flip, normalize=True)
+    if args.action in ("build", "add"):
+        create = None
+        if args.action == "build":
+            threshold = args.threshold if args.threshold is not None else getattr(embedder, "threshold", None)
+            create = {"index_type": args.index, "mode": args.mode, "threshold": threshold}
+        for folder in args.inputs:
+            print(enrol_folder(args.gallery, embedder, folder, create=create))
+            create = None
+    else:
+        print(format_results(search_files(args.gallery, embedder, args.inputs, k=args.k, threshold=args.threshold)))
+
+
+def _cmd_align(args) -> None:
+    from facebce.deploy.align import FaceAligner, ScrfdDetector, align_folder
+    aligner = FaceAligner(ScrfdDetector(args.detector, input_size=(args.det_size, args.det_size),
+                                        det_thresh=args.det_thresh),
+                          size=args.size, policy=args.policy, min_score=args.min_score)
+    report = align_folder(args.src, args.dst, aligner)
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items()))
+    print(f"aligned {args.src} -> {args.dst} ({args.size}x{args.size}, policy {args.policy}): {counts}")
+    print(f"  report: {Path(args.dst) / 'alignment_report.csv'} (one line per photo: status, faces, score)")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", help="backbone name for a .pth state_dict (r18 r34 r50 r100 r200 mbf)")
+    p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--color", default="rgb", choices=["rgb", "bgr"], help="channel order the model expects")
+    p.add_argument("--mean", help="input mean on 0..255 pixels: one value or three (model channel order)")
+    p.add_argument("--std", help="input std: one value or three")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--no-flip", action="store_true", help="do not add the horizontally flipped embedding")
 
 
 def _planned(name):
@@ -124,13 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("sets", nargs="*", metavar="PROTOCOL=PATH",
                    help="e.g. lfw=data/lfw.bin cfp_fp=data/cfp_fp.bin ijbc=data/IJBC")
     e.add_argument("--list", action="store_true", help="list the known protocols and exit")
-    e.add_argument("--arch", help="backbone name for a .pth state_dict (r18 r34 r50 r100 r200 mbf)")
-    e.add_argument("--embedding-size", type=int, default=512)
-    e.add_argument("--color", default="rgb", choices=["rgb", "bgr"], help="channel order the model expects")
-    e.add_argument("--mean", help="input mean on 0..255 pixels: one value or three (model channel order)")
-    e.add_argument("--std", help="input std: one value or three")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--no-flip", action="store_true", help="do not add the horizontally flipped embedding")
+    _add_model_args(e)
     e.add_argument("--threshold", default="fit:union",
                    help="global threshold: fit:union, fit:<set>, fixed:<t> or bias (with --bias)")
     e.add_argument("--bias", type=float, help="learned threshold of the model's head (b/gamma)")
@@ -141,6 +205,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocols", action="append", default=[], help="extra protocol YAML file or folder")
     e.add_argument("--out", help="write report.json, report.md and PNG plots here (atomically)")
     e.set_defaults(func=_cmd_eval)
+
+    x = sub.add_parser("export", help="export a backbone to ONNX (parity-checked, insightface-loadable)")
+    x.add_argument("model", help="insightface-layout backbone state_dict (.pth)")
+    x.add_argument("out", help="output .onnx path")
+    x.add_argument("--arch", help="backbone name (r18 r34 r50 r100 r200 mbf)")
+    x.add_argument("--embedding-size", type=int, default=512)
+    x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--variants", default="", help="also write these: fp16,int8")
+    x.add_argument("--parity-bin", help="verification .bin whose first images join the parity check")
+    x.add_argument("--parity-images", type=int, default=32)
+    x.add_argument("--head", help="training head, recorded in the metadata")
+    x.add_argument("--bias", type=float, help="learned bias, recorded in the metadata")
+    x.add_argument("--threshold", type=float, help="recommended global cosine threshold, recorded in the metadata")
+    x.set_defaults(func=_cmd_export)
+
+    g = sub.add_parser("gallery", help="build and search a FAISS gallery with open-set rejection")
+    g.add_argument("action", choices=["build", "add", "search", "remove", "info"])
+    g.add_argument("gallery", help="gallery index path (the sidecar is GALLERY.json)")
+    g.add_argument("inputs", nargs="*", help="build/add: aligned folders ROOT/<identity>/*.jpg; search: image files")
+    g.add_argument("--model", help="ONNX model or .pth (with --arch) that embeds the faces")
+    _add_model_args(g)
+    g.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"])
+    g.add_argument("--mode", default="all", choices=["all", "mean"], help="store every image or one mean per identity")
+    g.add_argument("--threshold", type=float,
+                   help="global cosine threshold (default: the gallery's, else the model's metadata)")
+    g.add_argument("-k", type=int, default=5, help="matches to show per probe")
+    g.add_argument("--identity", help="remove: every entry of this identity")
+    g.add_argument("--ids", help="remove: comma-separated entry ids")
+    g.set_defaults(func=_cmd_gallery)
+
+    a = sub.add_parser("align", help="detect and align faces in raw photos (SCRFD + 5 points)")
+    a.add_argument("src", help="folder of photos (ROOT/<identity>/*.jpg or flat)")
+    a.add_argument("dst", help="output folder for aligned crops (mirrors SRC)")
+    a.add_argument("--detector", required=True, help="SCRFD ONNX model, e.g. scrfd_2.5g_bnkps.onnx")
+    a.add_argument("--policy", default="central", choices=["central", "largest", "best", "all"])
+    a.add_argument("--size", type=int, default=112)
+    a.add_argument("--det-size", type=int, default=320)
+    a.add_argument("--det-thresh", type=float, default=0.3)
+    a.add_argument("--min-score", type=float)
+    a.set_defaults(func=_cmd_align)
 
     for name, help_text in PLANNED.items():
         q = sub.add_parser(name, help=f"{help_text} (not yet available)")

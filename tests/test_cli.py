@@ -67,3 +67,44 @@ def test_eval_pth_then_rescore_from_cache(tmp_path, capsys):
                  "--threshold", "fixed:0.5", "--out", str(tmp_path / "r2")]) == 0
     second = json.loads((tmp_path / "r2" / "report.json").read_text())
     assert second["sets"] == first["sets"]
+
+
+def test_export_then_gallery_build_search_remove(tmp_path, capsys):
+    import torch
+
+    from facebce.data.synthetic import SyntheticFaces, write_image_folder
+    from facebce.models import build_backbone
+    torch.manual_seed(0)
+    torch.save(build_backbone("mbf").state_dict(), tmp_path / "mbf.pth")
+    onnx_path = tmp_path / "mbf.onnx"
+    assert main(["export", str(tmp_path / "mbf.pth"), str(onnx_path), "--arch", "mbf", "--threshold", "0.25"]) == 0
+    assert "min cosine vs PyTorch 0.99999" in capsys.readouterr().out
+    write_image_folder(SyntheticFaces(3, 2, seed=5), tmp_path / "faces")
+    g = str(tmp_path / "g.faiss")
+    assert main(["gallery", "build", g, str(tmp_path / "faces"), "--model", str(onnx_path)]) == 0
+    assert "enrolled 6 images of 3 identities" in capsys.readouterr().out
+    assert main(["gallery", "info", g]) == 0
+    assert "threshold: 0.25" in capsys.readouterr().out  # taken from the exported model's metadata
+    probe = str(tmp_path / "faces" / "id_0001" / "0000.jpg")
+    assert main(["gallery", "search", g, probe, "--model", str(onnx_path), "-k", "1"]) == 0
+    assert "id_0001 1.000" in capsys.readouterr().out  # the enrolled image itself
+    assert main(["gallery", "remove", g, "--identity", "id_0001"]) == 0
+    assert "removed 2 entries; 4 remain" in capsys.readouterr().out
+    assert main(["gallery", "build", g, str(tmp_path / "faces"), "--model", str(onnx_path)]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_align_reports_every_photo(tmp_path, shared_data, capsys):
+    import cv2
+    import numpy as np
+    src = tmp_path / "raw" / "a"
+    src.mkdir(parents=True)
+    canvas = np.full((300, 400, 3), 90, np.uint8)
+    canvas[80:192, 140:252] = cv2.imread(str(next((shared_data / "lfw_aligned_10plus" / "Abdullah_Gul").glob("*.jpg"))))
+    cv2.imwrite(str(src / "photo.jpg"), canvas)
+    cv2.imwrite(str(src / "blank.jpg"), np.zeros((200, 200, 3), np.uint8))
+    (src / "broken.jpg").write_bytes(b"xx")
+    assert main(["align", str(tmp_path / "raw"), str(tmp_path / "out"), "--detector",
+                 str(shared_data / "models" / "scrfd_2.5g_bnkps.onnx")]) == 0
+    assert "no_face 1, ok 1, unreadable 1" in capsys.readouterr().out
+    assert cv2.imread(str(tmp_path / "out" / "a" / "photo.jpg")).shape == (112, 112, 3)
