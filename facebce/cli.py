@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", default="-",
                    help="ONNX model or insightface-layout .pth (with --arch); '-' re-scores cached embeddings")
     e.add_argument("sets", nargs="*", metavar="PROTOCOL=PATH",
-                   help="e.g. lfw=data/lfw.bin cfp_fp=data/cfp_fp.bin ijbc=data/IJBC")
+                   help="e.g. lfw=data/lfw.bin cfp_fp=data/cfp_fp.bin ijbc=data/IJBC open_set_folder=data/faces")
     e.add_argument("--list", action="store_true", help="list the known protocols and exit")
     _add_model_args(e)
     e.add_argument("--threshold", default="fit:union",

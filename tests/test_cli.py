@@ -58,15 +58,20 @@ def test_eval_pth_then_rescore_from_cache(tmp_path, capsys):
     assert main(["eval", *argv]) == 1  # 'custom' is not a pairs .bin protocol name
     assert "custom" in capsys.readouterr().err
     argv[1] = bin_arg.replace("custom=", "lfw=")
+    argv.insert(2, f"open_set_folder={tmp_path / 's' / 'images'}")  # 6 identities x 3 images: 2 never enrolled
     assert main(["eval", *argv]) == 0
     first = json.loads((tmp_path / "r" / "report.json").read_text())
     out = capsys.readouterr().out
-    assert "| lfw | 40 |" in out and "fixed:0.5" in out
+    assert "| lfw | 40 |" in out and "fixed:0.5" in out and "## open_set_folder (1:N, open set)" in out
+    assert [first["open_set"][0][k] for k in ("n_gallery_images", "n_mated", "n_non_mated")] == [4, 8, 6]
+    assert (tmp_path / "r" / "dir_fpir_open_set_folder.png").is_file()
     name = out.split("--model-name ")[1].split()[0]
-    assert main(["eval", "-", argv[1], "--cache", str(tmp_path / "c"), "--model-name", name,
+    assert main(["eval", "-", *argv[1:3], "--cache", str(tmp_path / "c"), "--model-name", name,
                  "--threshold", "fixed:0.5", "--out", str(tmp_path / "r2")]) == 0
     second = json.loads((tmp_path / "r2" / "report.json").read_text())
-    assert second["sets"] == first["sets"]
+    assert second["sets"] == first["sets"] and second["open_set"] == first["open_set"]
+    assert main(["eval", "-", argv[2], "--cache", str(tmp_path / "c"), "--model-name", name]) == 1
+    assert "needs a pairs set to fit on" in capsys.readouterr().err  # fit:union on an open-set set alone
 
 
 def test_export_then_gallery_build_search_remove(tmp_path, capsys):

@@ -42,7 +42,9 @@ class OperatingPoint:
 
 
 @dataclass(frozen=True)
-class _Probes:
+class ProbeScores:
+    """What every open-set number is computed from (also what score histograms show)."""
+
     mate_score: np.ndarray  # per mated probe
     rank: np.ndarray  # per mated probe, 1 = best
     non_mated_max: np.ndarray  # per non-mated probe
@@ -51,7 +53,7 @@ class _Probes:
 def open_set_identification(similarity, probe_ids, gallery_ids, fpir_targets=FPIR_TARGETS,
                             ranks=CMC_RANKS) -> OpenSetResult:
     """CMC at `ranks` and TPIR (rank-1 DIR) at each target FPIR, for one gallery."""
-    probes = _probes(similarity, probe_ids, gallery_ids)
+    probes = probe_scores(similarity, probe_ids, gallery_ids)
     targets = np.asarray(fpir_targets, dtype=np.float64).ravel()
     n_nm = probes.non_mated_max.size
     if n_nm:
@@ -70,7 +72,7 @@ def open_set_identification(similarity, probe_ids, gallery_ids, fpir_targets=FPI
 
 def operating_point(similarity, probe_ids, gallery_ids, threshold: float) -> OperatingPoint:
     """TPIR and FPIR at one given (global) threshold, accept iff score > threshold."""
-    return _operating_point(_probes(similarity, probe_ids, gallery_ids), float(threshold))
+    return _operating_point(probe_scores(similarity, probe_ids, gallery_ids), float(threshold))
 
 
 def ijb_evals_mean(per_gallery: list[OpenSetResult]) -> tuple[dict[int, float], np.ndarray]:
@@ -82,14 +84,15 @@ def ijb_evals_mean(per_gallery: list[OpenSetResult]) -> tuple[dict[int, float], 
     return cmc, np.mean([r.tpir for r in per_gallery], axis=0)
 
 
-def _operating_point(probes: _Probes, threshold: float) -> OperatingPoint:
+def _operating_point(probes: ProbeScores, threshold: float) -> OperatingPoint:
     with np.errstate(invalid="ignore", divide="ignore"):
         tpir = np.sum((probes.rank == 1) & (probes.mate_score > threshold)) / probes.rank.size
         fpir = np.sum(probes.non_mated_max > threshold) / probes.non_mated_max.size
     return OperatingPoint(float(threshold), float(tpir), float(fpir))
 
 
-def _probes(similarity, probe_ids, gallery_ids) -> _Probes:
+def probe_scores(similarity, probe_ids, gallery_ids) -> ProbeScores:
+    """Per mated probe its mate score and rank; per non-mated probe its highest gallery score."""
     sim = np.asarray(similarity, dtype=np.float64)
     probe_ids, gallery_ids = np.asarray(probe_ids).ravel(), np.asarray(gallery_ids).ravel()
     if sim.ndim != 2 or sim.shape != (probe_ids.size, gallery_ids.size):
@@ -103,4 +106,4 @@ def _probes(similarity, probe_ids, gallery_ids) -> _Probes:
     mated = mate.any(axis=1)
     mate_score = np.where(mate, sim, -np.inf).max(axis=1)[mated]
     rank = 1 + np.sum(~mate[mated] & (sim[mated] >= mate_score[:, None]), axis=1)
-    return _Probes(mate_score, rank, sim[~mated].max(axis=1))
+    return ProbeScores(mate_score, rank, sim[~mated].max(axis=1))

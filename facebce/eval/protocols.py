@@ -4,7 +4,9 @@ directory or file the user adds, so a new benchmark needs no code (style.md: pro
 Three kinds exist:
 - `pairs_bin`: an insightface verification `.bin` (LFW, CFP-FP, AgeDB-30, ...);
 - `pairs_list`: a text/CSV file of `path1 path2 label` lines with images relative to a root;
-- `ijb`: the IJB-B/C meta files and loose crops of insightface's IJB_release layout.
+- `ijb`: the IJB-B/C meta files and loose crops of insightface's IJB_release layout;
+- `open_set_folder`: a labelled folder of aligned crops `ROOT/<identity>/*.jpg`, split into a
+  gallery and probes with identities that are never enrolled (open-set 1:N identification).
 Every key is checked against its kind's schema when the file is read, so a typo is a ConfigError
 naming the file and the key instead of a silently ignored setting.
 """
@@ -22,7 +24,7 @@ from facebce.errors import ConfigError
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "eval_protocols"
 PATH_ENV = "FACEBCE_PROTOCOLS"  # extra protocol dirs/files, os.pathsep-separated
-KINDS = ("pairs_bin", "pairs_list", "ijb")
+KINDS = ("pairs_bin", "pairs_list", "ijb", "open_set_folder")
 METRICS = ("ten_fold", "tar_at_far", "identification")  # best/global threshold are always reported
 FOLD_SCHEMES = ("contiguous",)  # insightface KFold(shuffle=False); file order defines the folds
 DEFAULT_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -44,6 +46,14 @@ def _bool(v):
 
 def _metrics(v):
     return isinstance(v, list) and all(m in METRICS for m in v)
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _fraction(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1
 
 
 # key -> (required, check, default, what the check wants)
@@ -80,6 +90,19 @@ _SCHEMAS = {
             "template": (_OPTIONAL, lambda v: isinstance(v, dict), {}, "a mapping"),
             "expected": (_OPTIONAL, lambda v: isinstance(v, dict), {}, "a mapping"),
             },
+    "open_set_folder": {**_COMMON,
+                        "metrics": (_OPTIONAL, lambda v: v == ["identification"], ["identification"],
+                                    "[identification]"),
+                        "image_size": _PAIRS["image_size"],
+                        "enrol_per_identity": (_OPTIONAL, _positive_int, 1,
+                                               "an integer >= 1 (images per known identity in the gallery)"),
+                        "unknown_fraction": (_OPTIONAL, _fraction, 0.3, "a number in [0, 1)"),
+                        "seed": (_OPTIONAL, lambda v: _positive_int(v) or v == 0, 0, "an integer >= 0"),
+                        "fpir_targets": (_OPTIONAL, lambda v: isinstance(v, list) and len(v) > 0,
+                                         [1e-3, 1e-2, 1e-1], "a non-empty list of numbers in (0, 1]"),
+                        "ranks": (_OPTIONAL, lambda v: isinstance(v, list) and len(v) > 0
+                                  and all(map(_positive_int, v)), [1, 5], "a non-empty list of integers >= 1"),
+                        },
 }
 _IJB_FILES = {  # key -> default name from the prefix
     "tid_mid": "{prefix}_face_tid_mid.txt",
@@ -135,6 +158,9 @@ def load_protocol_file(path: str | os.PathLike) -> Protocol:
     settings = _validated(raw, _SCHEMAS[kind], path)
     if kind == "ijb":
         settings = _validated_ijb(settings, path)
+    elif kind == "open_set_folder":
+        settings = {**settings, "fpir_targets": _rates(settings, "fpir_targets", path),
+                    "ranks": sorted(set(settings["ranks"]))}
     return Protocol(settings["name"], kind, path, MappingProxyType(settings))
 
 
@@ -183,13 +209,18 @@ def _validated_ijb(settings: dict, path: Path) -> dict:
             raise ConfigError(f"{path}: unknown key 'expected.{key}' (valid keys: {', '.join(_IJB_EXPECTED)})")
         if not _count(value):
             raise ConfigError(f"{path}: key 'expected.{key}' is {value!r}, expected a positive integer")
+    return {**settings, "files": files, "template": template, "far_targets": _rates(settings, "far_targets", path)}
+
+
+def _rates(settings: dict, key: str, path: Path) -> list[float]:
+    """A list of target rates in (0, 1] as floats."""
     try:  # PyYAML reads 1e-6 (no dot) as a string; accept it as the number it means
-        targets = [float(t) for t in settings["far_targets"]]
+        targets = [float(t) for t in settings[key]]
     except (TypeError, ValueError):
         targets = []
     if not targets or not all(0 < t <= 1 for t in targets):
-        raise ConfigError(f"{path}: key 'far_targets' is {settings['far_targets']!r}, expected numbers in (0, 1]")
-    return {**settings, "files": files, "template": template, "far_targets": targets}
+        raise ConfigError(f"{path}: key {key!r} is {settings[key]!r}, expected numbers in (0, 1]")
+    return targets
 
 
 def _protocol_files(where: Path) -> list[Path]:
@@ -241,6 +272,6 @@ def describe_protocols(extra: Iterable[str | os.PathLike] = ()) -> str:
     """One line per protocol (name, kind, default data file, description, source): `facebce eval --list`."""
     rows = []
     for name, p in sorted(load_registry(extra).items()):
-        data = p["folder"] if p.kind == "ijb" else p["file"]
-        rows.append(f"{name:14} {p.kind:10} {data:16} {p.description}  [{p.source}]")
+        data = p["folder"] if p.kind == "ijb" else "ROOT/<id>/*.jpg" if p.kind == "open_set_folder" else p["file"]
+        rows.append(f"{name:15} {p.kind:15} {data:16} {p.description}  [{p.source}]")
     return "\n".join(rows)

@@ -1,7 +1,8 @@
 """An EvalReport as files: JSON (every number, machine-readable), Markdown tables, PNG plots.
 
 The Markdown puts each set's own best threshold beside the accuracy at the one global threshold,
-because the gap between the two is what a deployment with one threshold pays. Plots use
+because the gap between the two is what a deployment with one threshold pays; open-set sets put
+the thresholds of their DIR@FPIR targets beside DIR and FPIR at that same global threshold. Plots use
 matplotlib's Agg canvas directly (no pyplot, no global backend switch). `write_report` writes into
 a temporary folder and moves each finished file into place with os.replace, so a reader never sees
 a half-written report.
@@ -23,7 +24,7 @@ from facebce.eval.roc import Roc
 from facebce.eval.runner import EvalReport
 from facebce.eval.tenfold import ACCURACY_THRESHOLDS, VAL_FAR_TARGET
 
-_ARRAYS_LEFT_OUT = ("scores", "issame", "labels")  # per-pair data goes to scores.npz, not JSON
+_ARRAYS_LEFT_OUT = ("scores", "issame", "labels", "probes", "curve")  # per-pair/probe data: scores.npz, not JSON
 
 
 # ----------------------------------------------------------------------------- JSON
@@ -85,6 +86,8 @@ def to_markdown(report: EvalReport) -> str:
         lines += _pairs_table(report)
     for ijb in report.ijb:
         lines += _ijb_tables(ijb, report)
+    for o in report.open_set:
+        lines += _open_set_tables(o, report)
     if report.uniform is not None:
         lines += _uniform_table(report)
     return "\n".join(lines) + "\n"
@@ -142,6 +145,26 @@ def _ijb_tables(ijb, report: EvalReport) -> list[str]:
                          + " | ".join(_pct(x) for x in r.tpir) + f" | {_pct(tp)} | {_pct(fp)} |")
         lines.append("| mean (ijb_evals) | | | " + " | ".join(_pct(ident.cmc.get(k)) for k in (1, 5, 10)) + " | "
                      + " | ".join(_pct(x) for x in ident.tpir) + " | | |")
+    return lines + [""]
+
+
+def _open_set_tables(o, report: EvalReport) -> list[str]:
+    r, t, g = o.identification, report.threshold, o.at_global
+    unknown = f"{len(o.unknown_identities)} never enrolled (unknown_fraction {o.unknown_fraction:g}, seed {o.seed})"
+    lines = [f"## {o.name} (1:N, open set)", "",
+             f"{o.n_images} images of {o.n_identities} identities: {o.n_enrolled_identities} enrolled "
+             f"({o.n_gallery_images} gallery images, first {o.enrol_per_identity} per identity), {unknown}; "
+             f"{o.n_mated} mated probes, {o.n_non_mated} non-mated probes.", "",
+             "| rank | " + " | ".join(str(k) for k in r.cmc) + " |", "|---|" + "---|" * len(r.cmc),
+             "| CMC % | " + " | ".join(_pct(v) for v in r.cmc.values()) + " |", "",
+             "DIR = rank-1 detection-and-identification rate (TPIR); FPIR = non-mated probes whose best "
+             "gallery score > t. A target's threshold is the non-mated maxima's (int(n·f) − 1)-th largest "
+             "(ijb_evals); with n·f < 2 that is the highest one, realised FPIR 0: *unresolved*.", "",
+             "| operating point | threshold | DIR % | FPIR % |", "|---|---|---|---|"]
+    for f, thr, dir_, fpir in zip(r.fpir_targets, r.thresholds, r.tpir, r.fpir):
+        short = " (unresolved)" if int(f * r.n_non_mated) < 2 else ""
+        lines.append(f"| FPIR target {f:.0e}{short} | {_num(thr)} | {_pct(dir_)} | {_pct(fpir, 3)} |")
+    lines.append(f"| **global** `{t.source}` | {_num(g.threshold)} | {_pct(g.tpir)} | {_pct(g.fpir, 3)} |")
     return lines + [""]
 
 
@@ -218,6 +241,49 @@ def plot_accuracy_bars(report: EvalReport, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_dir_fpir(report: EvalReport, o, path: Path) -> None:
+    """DIR vs FPIR of one open-set set on a log FPIR axis, the targets and the global threshold marked."""
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    c, r, g = o.curve, o.identification, o.at_global
+    floor = 0.5 / max(o.n_non_mated, 1)  # FPIR 0 cannot sit on a log axis: drawn at half of 1/n
+    order = np.argsort(c.fpir, kind="stable")
+    ax.step(np.maximum(c.fpir[order], floor), 100 * c.dir[order], where="post", label="DIR (rank-1)")
+    ax.plot(np.maximum(r.fpir, floor), 100 * r.tpir, "o", color="tab:blue", label="FPIR targets")
+    ax.plot(max(g.fpir, floor), 100 * g.tpir, "*", color="k", markersize=13,
+            label=f"global {report.threshold.source} (t={g.threshold:.3f}): DIR {_pct(g.tpir)} %, "
+                  f"FPIR {_pct(g.fpir, 3)} %")
+    ax.axvline(1 / max(o.n_non_mated, 1), color="grey", linestyle=":", label=f"1/n non-mated ({o.n_non_mated})")
+    ax.set_xscale("log")
+    ax.set(xlabel="FPIR (false positive identification rate; 0 drawn at 1/2n)", ylabel="DIR %",
+           title=f"{o.name}: {o.n_gallery_images} enrolled, {o.n_mated} mated + {o.n_non_mated} non-mated probes")
+    ax.title.set_fontsize(10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def plot_open_set_histogram(report: EvalReport, o, path: Path) -> None:
+    """Mate scores of mated probes vs best gallery scores of non-mated probes, with the global
+    threshold and the FPIR-target thresholds marked."""
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    p = o.probes
+    both = np.r_[p.mate_score, p.non_mated_max]
+    bins = np.linspace(min(both.min(), -0.2), max(both.max(), 1.0), 81)
+    ax.hist(p.mate_score, bins=bins, alpha=0.55, density=True, label="mated: mate score", color="tab:green")
+    ax.hist(p.non_mated_max, bins=bins, alpha=0.55, density=True, label="non-mated: best score", color="tab:red")
+    ax.axvline(report.threshold.value, color="k", label=f"global {report.threshold.source} "
+                                                         f"({report.threshold.value:.3f})")
+    r = o.identification
+    for f, thr in zip(r.fpir_targets, r.thresholds):
+        if np.isfinite(thr):
+            ax.axvline(thr, color="tab:blue", linestyle="--", alpha=0.6, label=f"FPIR {f:.0e} ({thr:.3f})")
+    ax.set(xlabel="cosine score", ylabel="density", title=f"{o.name}: open-set probe scores")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
 # ----------------------------------------------------------------------------- writing
 
 def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -233,14 +299,19 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Pa
     try:
         (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
         (tmp / "report.md").write_text(to_markdown(report), encoding="utf-8")
+        if report.sets or report.open_set:
+            np.savez(tmp / "scores.npz", **_score_arrays(report))
         if report.sets:
-            np.savez(tmp / "scores.npz", **{f"{s.name}.scores": s.scores for s in report.sets},
-                     **{f"{s.name}.issame": s.issame for s in report.sets})
             plot_accuracy_bars(report, tmp / "accuracy_bars.png")
             for s in report.sets:
                 plot_histogram(report, s, tmp / f"hist_{s.name}.png")
         if report.sets or report.ijb:
             plot_roc(report, tmp / "roc.png")
+        for o in report.open_set:
+            if o.n_non_mated:
+                plot_dir_fpir(report, o, tmp / f"dir_fpir_{o.name}.png")
+            if o.n_mated and o.n_non_mated:
+                plot_open_set_histogram(report, o, tmp / f"hist_{o.name}.png")
         written = {}
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
@@ -248,3 +319,15 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Pa
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _score_arrays(report: EvalReport) -> dict[str, np.ndarray]:
+    """Per-pair and per-probe arrays for scores.npz, keyed `<set>.<array>`."""
+    out = {}
+    for s in report.sets:
+        out[f"{s.name}.scores"], out[f"{s.name}.issame"] = s.scores, s.issame
+    for o in report.open_set:
+        out.update({f"{o.name}.mate_score": o.probes.mate_score, f"{o.name}.rank": o.probes.rank,
+                    f"{o.name}.non_mated_max": o.probes.non_mated_max, f"{o.name}.curve_threshold": o.curve.thresholds,
+                    f"{o.name}.curve_dir": o.curve.dir, f"{o.name}.curve_fpir": o.curve.fpir})
+    return out

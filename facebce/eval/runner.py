@@ -10,6 +10,9 @@ shared by every set, chosen from a named source:
 - `fixed:<t>`  a given cosine threshold,
 - `bias`       the learned threshold of a -nu head (b/γ in cosine units), passed as `bias=`.
 IJB sets are scored with facebce.eval.ijb and get TAR/FAR (and 1:N TPIR/FPIR) at that threshold.
+Open-set folder sets (a labelled folder split into gallery and probes with never-enrolled
+identities, facebce.eval.open_set) are embedded and cached like the pairs sets and get CMC,
+DIR@FPIR and DIR/FPIR at that threshold; like IJB sets they never take part in fitting it.
 The 10-fold number refits its threshold per fold, so it is reported beside, never instead of, the
 global-threshold accuracy.
 """
@@ -29,10 +32,12 @@ import numpy as np
 from tqdm import tqdm
 
 from facebce import __version__
+from facebce.data.image_folder import scan_image_folder
 from facebce.data.verification_bin import load_bin
 from facebce.errors import ConfigError, DataFormatError, FacebceError
 from facebce.eval.ijb import IjbResult, evaluate_ijb, embed_ijb, load_ijb
 from facebce.eval.model_loading import ModelSpec, file_digest
+from facebce.eval.open_set import GalleryProbeSplit, OpenSetSetResult, evaluate_open_set, split_gallery_probe
 from facebce.eval.protocols import Protocol, get_protocol
 from facebce.eval.roc import DEFAULT_TAR_MODE, FAR_TARGETS, TAR_MODES, Roc, TarAtFar
 from facebce.eval.tenfold import TenFoldResult, ten_fold
@@ -40,6 +45,7 @@ from facebce.eval.uniform import UniformResult, bias_gap, sample_wise_accuracy, 
 from facebce.eval.verification import ThresholdResult, accuracy_at_threshold, best_threshold
 
 PAIR_KINDS = ("pairs_bin", "pairs_list")
+OPEN_SET_KIND = "open_set_folder"
 THRESHOLD_SOURCES = "fit:union | fit:<set> | fixed:<t> | bias"
 _CHUNK = 256  # images per embed call: a progress step, and a bound on the crops held at once
 _TRUE = {"1", "true", "same", "yes", "genuine"}
@@ -87,6 +93,7 @@ class EvalReport:
     threshold: GlobalThreshold
     sets: list[PairSetResult] = field(default_factory=list)
     ijb: list[IjbResult] = field(default_factory=list)
+    open_set: list[OpenSetSetResult] = field(default_factory=list)
     uniform: UniformSection | None = None
     bias: float | None = None
     facebce_version: str = __version__
@@ -112,7 +119,8 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
 
     model: an embedder (`.embed(bgr_uint8) -> N x D`), a `ModelSpec` (loaded only if a set is not
     cached), a mapping set name -> embeddings (pairs set: 2P x D, image 2k/2k+1 = pair k; IJB set:
-    rows x views x D raw features), or None to re-score from `cache_dir` under `model_name`.
+    rows x views x D raw features; open-set folder: N x D in folder order, identities and files
+    sorted), or None to re-score from `cache_dir` under `model_name`.
     far_targets: None = each protocol's own (FAR_TARGETS for pairs sets). `align` (IJB only):
     `align(img_bgr, kps5x2) -> crop_bgr`, e.g. facebce.deploy.align.norm_crop.
     `uniform` = (score matrix, labels) of a classifier adds the uniform-classification section.
@@ -127,18 +135,21 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     pair_sets = [(p, path) for p, path in resolved if p.kind in PAIR_KINDS]
     parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias)
     source = EmbeddingSource(model, flip=flip, cache_dir=cache_dir, model_name=model_name, progress=progress)
+    folders = [(p, path, load_open_set_folder(p, path)) for p, path in resolved if p.kind == OPEN_SET_KIND]
 
     scored = {}
     for protocol, path in pair_sets:
         pairs = load_pairs(protocol, path, progress=progress)
-        emb = source.pair_embeddings(protocol.name, pairs)
+        emb = source.image_embeddings(protocol.name, pairs)
         scored[protocol.name] = (str(path), pairs.issame, emb)
     global_t = _global_threshold(parsed, {n: (_cosines(e), s) for n, (_, s, e) in scored.items()})
     sets = [_pair_set_result(p, *scored[p.name], global_t.value, far_targets, tar_mode) for p, _ in pair_sets]
     ijb = [_ijb_result(p, path, source, align, global_t.value, far_targets, tar_mode, flip, progress)
            for p, path in resolved if p.kind == "ijb"]
+    open_set = [_open_set_result(p, path, folder, source, global_t.value) for p, path, folder in folders]
     report = EvalReport(model=source.label, flip=flip, tar_mode=tar_mode, threshold=global_t, sets=sets, ijb=ijb,
-                        uniform=uniform_section(*uniform, bias=bias) if uniform is not None else None, bias=bias)
+                        open_set=open_set, bias=bias,
+                        uniform=uniform_section(*uniform, bias=bias) if uniform is not None else None)
     if out_dir is not None:
         from facebce.eval.report import write_report
         write_report(report, out_dir)
@@ -180,7 +191,8 @@ def parse_threshold(spec: str, pair_set_names: Sequence[str], bias: float | None
         return "fixed", value
     if kind == "fit" and arg:
         if not pair_set_names:
-            raise ConfigError(f"threshold {spec!r} needs a pairs set to fit on; use fixed:<t> or bias")
+            raise ConfigError(f"threshold {spec!r} needs a pairs set to fit on (IJB and open-set sets are never "
+                              "fitted on); add one, or use fixed:<t> or bias")
         if arg == "union":
             return "union", None
         if arg not in pair_set_names:
@@ -272,18 +284,18 @@ def _load_list_pairs(path: Path, protocol: Protocol) -> PairImages:
     size = protocol["image_size"]
 
     def read(index: np.ndarray) -> np.ndarray:
-        return np.stack([_read_crop(images[i], size, path, i // 2) for i in index])
+        return np.stack([_read_crop(images[i], size, f"{path}: pair {i // 2 + 1}") for i in index])
 
     digest = hashlib.sha256(path.read_bytes() + str(root).encode()).hexdigest()
     return PairImages(np.array(issame), first, inverse, read, digest)
 
 
-def _read_crop(image: str, size: int, listing: Path, pair: int) -> np.ndarray:
+def _read_crop(image: str, size: int, where: str) -> np.ndarray:
     img = cv2.imread(image, cv2.IMREAD_COLOR)
     if img is None:
-        raise DataFormatError(f"{listing}: pair {pair + 1}: image {image} is missing or not decodable")
+        raise DataFormatError(f"{where}: image {image} is missing or not decodable")
     if img.shape[:2] != (size, size):
-        raise DataFormatError(f"{listing}: pair {pair + 1}: image {image} is {img.shape[0]}x{img.shape[1]}, "
+        raise DataFormatError(f"{where}: image {image} is {img.shape[0]}x{img.shape[1]}, "
                               f"expected an aligned {size}x{size} crop")
     return img
 
@@ -320,6 +332,58 @@ def _ijb_result(protocol, path, source, align, t, far_targets, tar_mode, flip, p
                         progress=progress)
 
 
+# ----------------------------------------------------------------------------- open-set folder sets
+
+@dataclass(frozen=True)
+class FolderImages:
+    """A labelled folder before embedding (images in scan_image_folder order), and its split."""
+
+    classes: list[str]
+    paths: list[Path]
+    labels: np.ndarray  # int64 per image: index into classes
+    split: GalleryProbeSplit
+    read: Callable[[np.ndarray], np.ndarray]
+    digest: str  # of every image's relative path and bytes, for the cache key
+
+    @property
+    def first(self) -> np.ndarray:  # every image is distinct
+        return np.arange(self.labels.size)
+
+    @property
+    def inverse(self) -> np.ndarray:
+        return self.first
+
+
+def load_open_set_folder(protocol: Protocol, path: str | os.PathLike) -> FolderImages:
+    """Scan ROOT/<identity>/*.jpg and split it with the protocol's settings (images are read only
+    when embedded; the digest reads their bytes so a changed folder never hits a stale cache)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataFormatError(f"{path}: no such {protocol.name} folder (expected ROOT/<identity>/*.jpg)")
+    classes, paths, labels = scan_image_folder(path)
+    try:
+        split = split_gallery_probe(labels, enrol_per_identity=protocol["enrol_per_identity"],
+                                    unknown_fraction=protocol["unknown_fraction"], seed=protocol["seed"])
+    except ConfigError as e:
+        raise ConfigError(f"{protocol.name} ({protocol.source}) on {path}: {e}") from None
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.relative_to(path).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    size = protocol["image_size"]
+
+    def read(index: np.ndarray) -> np.ndarray:
+        return np.stack([_read_crop(str(paths[i]), size, protocol.name) for i in index])
+
+    return FolderImages(classes, paths, labels, split, read, h.hexdigest())
+
+
+def _open_set_result(protocol: Protocol, path: Path, folder: FolderImages, source: EmbeddingSource,
+                     t: float) -> OpenSetSetResult:
+    emb = source.image_embeddings(protocol.name, folder)
+    return evaluate_open_set(emb, folder.labels, folder.split, threshold=t, fpir_targets=protocol["fpir_targets"],
+                             ranks=protocol["ranks"], classes=folder.classes, name=protocol.name, path=str(path))
+
+
 def uniform_section(scores, labels, *, bias: float | None = None) -> UniformSection:
     """SW accuracy, Acc_Uni with t*, and the gap between a learned bias and t* (metrics.md §1)."""
     result = uniform_accuracy(scores, labels)
@@ -349,20 +413,20 @@ class EmbeddingSource:
         if hasattr(model, "embed") and getattr(model, "flip", False) and not flip:
             raise ConfigError("evaluate(flip=False) but the embedder flips (its flip=True); make them agree")
 
-    def pair_embeddings(self, name: str, pairs: PairImages) -> np.ndarray:
-        """L2-normalised float32 embeddings of every image of the set (2P x D); the cache holds them
-        as the model gave them (flip-summed), one row per image."""
-        n_images = pairs.inverse.size
+    def image_embeddings(self, name: str, images: PairImages | FolderImages) -> np.ndarray:
+        """L2-normalised float32 embeddings of every image of a pairs set (2P x D) or an open-set
+        folder (N x D); the cache holds them as the model gave them (flip-summed), one row per image."""
+        n_images = images.inverse.size
         if isinstance(self.model, Mapping):
             if name not in self.model:
                 raise ConfigError(f"embeddings: none given for set {name!r} (have {', '.join(self.model)})")
             return _normalised(self.model[name], name, n_images)
-        cache = self._cache_path(f"{name}-{pairs.digest[:16]}-{'flip' if self.flip else 'noflip'}")
+        cache = self._cache_path(f"{name}-{images.digest[:16]}-{'flip' if self.flip else 'noflip'}")
         if cache is not None and cache.is_file():
             return _normalised(_load_npy(cache), f"{name} (cache {cache})", n_images)
         if self.model is None:
             raise ConfigError(f"{name}: no cached embeddings at {cache} and no model to compute them")
-        raw = self._embed_distinct(self._embedder("pairs"), pairs, name)[pairs.inverse]
+        raw = self._embed_distinct(self._embedder("crops"), images, name)[images.inverse]
         emb = _normalised(raw, name, n_images)
         if cache is not None:  # as computed, before normalising: a cache hit then gives the same bits
             _save_npy(cache, raw)
@@ -396,17 +460,18 @@ class EmbeddingSource:
         if not isinstance(self.model, ModelSpec):
             return self.model
         if purpose not in self._built:
-            pairs = purpose == "pairs"
-            self._built[purpose] = self.model.build(flip=self.flip and pairs, normalize=pairs)
+            crops = purpose == "crops"  # aligned crops, flip-summed and normalised; IJB wants the views apart
+            self._built[purpose] = self.model.build(flip=self.flip and crops, normalize=crops)
         return self._built[purpose]
 
-    def _embed_distinct(self, embedder, pairs: PairImages, name: str) -> np.ndarray:
+    def _embed_distinct(self, embedder, images: PairImages | FolderImages, name: str) -> np.ndarray:
         """Embeddings of the distinct images; the runner mirrors only embedders that do not flip themselves."""
         mirror = self.flip and not getattr(embedder, "flip", False)
         out = []
-        for start in tqdm(range(0, pairs.first.size, _CHUNK), desc=f"embed {name}", unit="chunk",
+        first = images.first
+        for start in tqdm(range(0, first.size, _CHUNK), desc=f"embed {name}", unit="chunk",
                           disable=not self.progress):
-            crops = pairs.read(pairs.first[start:start + _CHUNK])
+            crops = images.read(first[start:start + _CHUNK])
             try:
                 emb = np.asarray(embedder.embed(crops), np.float32)
                 if mirror:

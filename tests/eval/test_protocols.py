@@ -7,23 +7,26 @@ from facebce.errors import ConfigError
 from facebce.eval.protocols import (KINDS, PATH_ENV, describe_protocols, get_protocol, list_protocols,
                                     load_protocol_file)
 
-SHIPPED = ["agedb_30", "calfw", "cfp_ff", "cfp_fp", "cplfw", "custom_pairs", "ijbb", "ijbc", "lfw"]
+SHIPPED = ["agedb_30", "calfw", "cfp_ff", "cfp_fp", "cplfw", "custom_pairs", "ijbb", "ijbc", "lfw", "open_set_folder"]
 
 
 def test_shipped_protocols_are_all_there():
     assert list_protocols() == SHIPPED
     listing = describe_protocols().splitlines()
-    assert [line.split()[0] for line in listing] == SHIPPED and "lfw.bin" in listing[-1]
+    assert [line.split()[0] for line in listing] == SHIPPED and "lfw.bin" in listing[SHIPPED.index("lfw")]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_every_shipped_protocol_loads(name):
     p = get_protocol(name)
     assert p.name == name and p.kind in KINDS and p.source.name == f"{name}.yaml"
-    if p.kind != "ijb":
+    if p.kind in ("pairs_bin", "pairs_list"):
         assert p["folds"] == 10 and p["fold_scheme"] == "contiguous" and p["file"]
     if p.kind == "pairs_bin":
         assert p["file"] == f"{name}.bin" and p["pairs"] in (6000, 7000)
+    if p.kind == "open_set_folder":
+        assert (p["enrol_per_identity"], p["unknown_fraction"], p["seed"]) == (1, 0.3, 0)
+        assert p["fpir_targets"] == [1e-3, 1e-2, 1e-1] and p["ranks"] == [1, 5] and p.metrics == ("identification",)
 
 
 def _write(path, text):
@@ -53,6 +56,12 @@ def test_user_directory_adds_and_overrides(tmp_path, monkeypatch):
     ("name: x\nkind: ijb\nfolder: X\nmeta_prefix: x\nfiles: {tid: a.txt}\n", "unknown key 'files.tid'"),
     ("name: x\nkind: ijb\nfolder: X\nmeta_prefix: x\ntemplate: {flip: max}\n", "key 'template.flip' is 'max'"),
     ("name: x\nkind: ijb\nfolder: X\nmeta_prefix: x\nfar_targets: [2]\n", "key 'far_targets'"),
+    ("name: x\nkind: open_set_folder\nunknown_fraction: 1\n", "key 'unknown_fraction' is 1"),
+    ("name: x\nkind: open_set_folder\nenrol_per_identity: 0\n", "key 'enrol_per_identity' is 0"),
+    ("name: x\nkind: open_set_folder\nfpir_targets: [0]\n", "key 'fpir_targets' is [0]"),
+    ("name: x\nkind: open_set_folder\nranks: [1, 0]\n", "key 'ranks' is [1, 0]"),
+    ("name: x\nkind: open_set_folder\nmetrics: [ten_fold]\n", "key 'metrics'"),
+    ("name: x\nkind: open_set_folder\nfile: a.bin\n", "unknown key 'file'"),
     ("[1, 2]\n", "must be a mapping"),
     ("name: x\n  kind: : [\n", "not valid YAML"),
 ])
@@ -70,6 +79,13 @@ def test_ijb_defaults_from_prefix_and_string_far_targets(tmp_path):
                                                       "far_targets: [1e-4, 1.0e-2]\n"))
     assert p["files"]["tid_mid"] == "x_face_tid_mid.txt" and p["files"]["galleries"] is None
     assert p["far_targets"] == [1e-4, 1e-2]  # PyYAML reads 1e-4 as a string
+
+
+def test_open_set_defaults_and_string_targets(tmp_path):
+    p = load_protocol_file(_write(tmp_path / "x.yaml", "name: x\nkind: open_set_folder\nfpir_targets: [1e-2]\n"
+                                                      "ranks: [10, 1, 5, 1]\nseed: 3\n"))
+    assert p["fpir_targets"] == [1e-2] and p["ranks"] == [1, 5, 10] and p["seed"] == 3
+    assert (p["enrol_per_identity"], p["unknown_fraction"], p["image_size"]) == (1, 0.3, 112)
 
 
 def test_unknown_name_and_duplicates(tmp_path):

@@ -88,3 +88,38 @@ def _uniform_inputs():
     scores = rng.normal(0, 0.2, (200, 8))
     scores[np.arange(200), labels] += 0.6
     return scores, labels
+
+
+def test_open_set_section_json_and_plots(labelled_folder, tmp_path):
+    report = evaluate(ProjectionEmbedder(), [("open_set_folder", labelled_folder)], threshold="fixed:0.8",
+                      progress=False)
+    o = report.open_set[0]
+    written = write_report(report, tmp_path)
+    assert set(written) == {"report.json", "report.md", "scores.npz", "dir_fpir_open_set_folder.png",
+                            "hist_open_set_folder.png"}
+    for name in ("dir_fpir_open_set_folder.png", "hist_open_set_folder.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    d = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"constant {c}"))
+    j = d["open_set"][0]
+    assert d["sets"] == [] and j["name"] == "open_set_folder" and "probes" not in j and "curve" not in j
+    assert (j["n_gallery_images"], j["n_mated"], j["n_non_mated"], j["n_enrolled_identities"]) == (8, 32, 20, 8)
+    assert j["unknown_identities"] == list(o.unknown_identities) and j["seed"] == 0
+    r = o.identification
+    assert j["identification"]["cmc"] == {"1": r.cmc[1], "5": r.cmc[5]}
+    assert j["identification"]["tpir"] == r.tpir.tolist() and j["identification"]["thresholds"] == r.thresholds.tolist()
+    assert j["identification"]["fpir_targets"] == [1e-3, 1e-2, 1e-1]
+    assert j["at_global"] == {"threshold": 0.8, "tpir": o.at_global.tpir, "fpir": o.at_global.fpir}
+    with np.load(tmp_path / "scores.npz") as z:
+        np.testing.assert_array_equal(z["open_set_folder.non_mated_max"], o.probes.non_mated_max)
+        np.testing.assert_array_equal(z["open_set_folder.curve_dir"], o.curve.dir)
+    md = (tmp_path / "report.md").read_text()
+    assert md == to_markdown(report) and "## open_set_folder (1:N, open set)" in md
+    assert ("60 images of 12 identities: 8 enrolled (8 gallery images, first 1 per identity), 4 never enrolled "
+            "(unknown_fraction 0.3, seed 0); 32 mated probes, 20 non-mated probes.") in md
+    assert f"| CMC % | {100 * r.cmc[1]:.2f} | {100 * r.cmc[5]:.2f} |" in md
+    assert (f"| FPIR target 1e-02 (unresolved) | {r.thresholds[1]:.4f} | {100 * r.tpir[1]:.2f} "
+            f"| {100 * r.fpir[1]:.3f} |") in md
+    assert f"| FPIR target 1e-01 | {r.thresholds[2]:.4f} |" in md and r.fpir[2] == 0.05  # 20 probes: 1 alarm
+    assert (f"| **global** `fixed:0.8` | 0.8000 | {100 * o.at_global.tpir:.2f} | {100 * o.at_global.fpir:.3f} |"
+            in md)
