@@ -1,0 +1,235 @@
+"""Training hooks: progress bar, metrics files, checkpoints and periodic verification.
+
+A callback sees the `Trainer` after each optimizer step (`trainer.step` steps done). Values a
+callback wants in the metrics files go through `trainer.log(key=value)`; `MetricsLogger` (last in
+the list) writes everything logged during a step as one JSONL line and one CSV row.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from facebce.data.verification_bin import load_bin
+from facebce.eval import accuracy_at_threshold, best_threshold, ten_fold
+from facebce.models.embedder import TorchEmbedder
+from facebce.train import checkpoint as ckpt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from facebce.train.engine import Trainer
+
+TRAIN_COLUMNS = ("step", "epoch", "loss", "lr", "samples_per_s", "threshold", "bias")
+VERIFY_FIELDS = ("acc", "acc_std", "best_acc", "best_threshold", "learned_acc", "learned_tar", "learned_far")
+
+
+class Callback:
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+    def on_step_end(self, trainer: "Trainer") -> None: ...
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+    def close(self) -> None: ...
+    def columns(self) -> Sequence[str]:
+        """Extra metric columns this callback logs (for the CSV header)."""
+        return ()
+
+
+def every(step: int, n: int) -> bool:
+    return n > 0 and step % n == 0
+
+
+class ProgressBar(Callback):
+    """tqdm on rank 0: steps with ETA, and the last logged loss, lr and samples/s."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar = enabled, None
+
+    def on_train_start(self, trainer):
+        if self.enabled and trainer.is_main:
+            self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", dynamic_ncols=True,
+                            desc="train")
+
+    def on_step_end(self, trainer):
+        if self.bar is not None:
+            self.bar.update(1)
+            r = trainer.last_record
+            if r:
+                self.bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.3g}",
+                                     img_s=f"{r['samples_per_s']:.1f}", refresh=False)
+
+    def write(self, line: str) -> None:
+        (self.bar.write if self.bar is not None else print)(line)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MetricsLogger(Callback):
+    """`metrics.jsonl` + `metrics.csv` in the run folder (and TensorBoard events when it is installed).
+
+    On resume, records after the resumed step (written by the interrupted run) are dropped, so the
+    files describe one run without duplicates.
+    """
+
+    _tb_note_shown = False
+
+    def __init__(self, run_dir: Path, extra_columns: Sequence[str] = (), tensorboard: bool = True):
+        self.run_dir = Path(run_dir)
+        self.columns_ = list(TRAIN_COLUMNS) + [c for c in extra_columns if c not in TRAIN_COLUMNS]
+        self.want_tb, self.tb = tensorboard, None
+        self.jsonl = self.csv = None
+
+    def on_train_start(self, trainer):
+        if not trainer.is_main:
+            return
+        jpath, cpath = self.run_dir / "metrics.jsonl", self.run_dir / "metrics.csv"
+        kept = []
+        if trainer.step > 0 and jpath.is_file():
+            for line in jpath.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash
+                    continue
+                if rec.get("step", math.inf) <= trainer.step:
+                    kept.append(rec)
+        self.jsonl = open(jpath, "w", encoding="utf-8")
+        self.csv_file = open(cpath, "w", encoding="utf-8", newline="")
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=self.columns_, extrasaction="ignore")
+        self.csv.writeheader()
+        for rec in kept:
+            self._write(rec)
+        if self.want_tb:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                if not MetricsLogger._tb_note_shown:
+                    print("note: tensorboard is not installed; writing metrics.jsonl/metrics.csv only")
+                    MetricsLogger._tb_note_shown = True
+            else:
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=trainer.step + 1)
+
+    def _write(self, rec: dict) -> None:
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        self.csv.writerow(rec)
+        self.csv_file.flush()
+
+    def on_step_end(self, trainer):
+        rec = trainer.pop_pending()
+        if not rec or self.jsonl is None:
+            return
+        rec = {"step": trainer.step, "epoch": trainer.epoch, **rec}
+        self._write(rec)
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, trainer.step)
+
+    def on_train_end(self, trainer):
+        self.on_step_end(trainer)  # values logged by end-of-training hooks
+
+    def close(self):
+        for f in (self.jsonl, getattr(self, "csv_file", None)):
+            if f is not None:
+                f.close()
+        self.jsonl = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+class Checkpointer(Callback):
+    """Atomic checkpoint every `every_steps` steps and at the end; keeps the newest `keep`.
+    Also writes `backbone.pth` (a plain state_dict, insightface layout) at the end."""
+
+    def __init__(self, folder: Path, every_steps: int, keep: int):
+        self.folder, self.every_steps, self.keep = Path(folder), every_steps, keep
+        self.last_saved_step: Optional[int] = None
+        self.last_path: Optional[Path] = None
+
+    def save(self, trainer) -> None:
+        state = trainer.checkpoint_state()  # a collective: every rank
+        if trainer.is_main:
+            self.last_path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.folder, trainer.step))
+            ckpt.prune_checkpoints(self.folder, self.keep)
+        self.last_saved_step = trainer.step
+
+    def on_step_end(self, trainer):
+        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
+            self.save(trainer)
+
+    def on_train_end(self, trainer):
+        if self.last_saved_step != trainer.step:
+            self.save(trainer)
+        if trainer.is_main:
+            state = {k: v.detach().cpu() for k, v in trainer.backbone.state_dict().items()}
+            ckpt.atomic_save(state, trainer.run_dir / "backbone.pth")
+
+
+class Verification(Callback):
+    """Pair verification on .bin sets with the current backbone (eval mode, flip-sum, L2), rank 0 only.
+
+    Logs per set `<name>/acc` and `/acc_std` (insightface 10-fold, facebce.eval.ten_fold),
+    `/best_acc` and `/best_threshold` (one global cosine threshold fitted on all pairs), and for heads
+    with a learned unified threshold (BCE: b/γ) `/learned_acc`, `/learned_tar`, `/learned_far` at it.
+    """
+
+    def __init__(self, bins: Sequence[tuple[str, Path]], every_steps: int, flip: bool = True, batch_size: int = 64):
+        self.bins = [(name, Path(p)) for name, p in bins]
+        self.every_steps, self.flip, self.batch_size = every_steps, flip, batch_size
+        self.sets: list = []
+        self.last_step: Optional[int] = None
+        self.results: dict = {}
+
+    def columns(self):
+        return [f"{name}/{f}" for name, _ in self.bins for f in VERIFY_FIELDS]
+
+    def on_train_start(self, trainer):
+        if trainer.is_main:
+            for name, path in self.bins:
+                vs = load_bin(path)
+                self.sets.append((name, np.ascontiguousarray(vs.decode(progress=False)[..., ::-1]), vs.issame))
+
+    def on_step_end(self, trainer):
+        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
+            self.run(trainer)  # the last step's results land in that step's metrics row
+
+    def on_train_end(self, trainer):
+        if self.last_step != trainer.step:
+            self.run(trainer)
+
+    def run(self, trainer) -> None:
+        self.last_step = trainer.step
+        if not trainer.is_main or not self.sets:
+            return
+        start = time.perf_counter()
+        embedder = TorchEmbedder(trainer.backbone, batch_size=self.batch_size, flip=self.flip, normalize=True,
+                                 channels_last=trainer.cfg.channels_last, autocast_dtype=trainer.autocast_dtype,
+                                 progress=False)
+        threshold = trainer.head.threshold
+        parts = []
+        for name, images_bgr, issame in self.sets:
+            emb = embedder.embed(images_bgr)
+            e1, e2 = emb[0::2], emb[1::2]
+            scores = np.sum(e1.astype(np.float64) * e2, axis=1)
+            tf = ten_fold(e1, e2, issame)
+            best = best_threshold(scores, issame)
+            r = {"acc": tf.accuracy, "acc_std": tf.std, "best_acc": best.accuracy, "best_threshold": best.threshold}
+            line = f"{name}: 10-fold {tf.accuracy:.4f}±{tf.std:.4f}, best global cos>{best.threshold:.3f} {best.accuracy:.4f}"
+            if threshold is not None:
+                at = accuracy_at_threshold(scores, issame, threshold)
+                r.update(learned_acc=at.accuracy, learned_tar=at.tar, learned_far=at.far)
+                line += f", at learned {threshold:.3f}: {at.accuracy:.4f} (TAR {at.tar:.3f} FAR {at.far:.3f})"
+            self.results[name] = r
+            trainer.log(**{f"{name}/{k}": float(v) for k, v in r.items()})
+            parts.append(line)
+        trainer.say(f"[step {trainer.step}] verification ({time.perf_counter() - start:.1f} s): " + "; ".join(parts))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
