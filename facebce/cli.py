@@ -9,9 +9,7 @@ from facebce import __version__
 from facebce.errors import FacebceError
 
 # Subcommands that later milestones own; they answer clearly instead of pretending.
-PLANNED = {
-    "train": "train a backbone + head from a YAML recipe",
-}
+PLANNED: dict[str, str] = {}
 
 
 def _cmd_data_synth(args) -> None:
@@ -62,8 +60,11 @@ def _cmd_eval(args) -> None:
     if not sets:
         raise FacebceError("no evaluation sets given: add PROTOCOL=PATH arguments (see --list)")
     model = None if args.model == "-" else _model_spec(args)
+    bias = args.bias
+    if bias is None and model is not None and model.learned_threshold is not None:
+        bias = model.learned_threshold  # a training run's b/γ: usable as --threshold bias
     from facebce.deploy.align import norm_crop  # IJB crops are aligned on the fly
-    report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=args.bias,
+    report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=bias,
                       cache_dir=args.cache, out_dir=args.out, tar_mode=args.tar_mode,
                       model_name=args.model_name, protocol_paths=args.protocols, align=norm_crop)
     print(to_markdown(report))
@@ -74,6 +75,20 @@ def _cmd_eval(args) -> None:
         print(f"\nreport written to {args.out}/ (report.json, report.md, plots)")
 
 
+def _cmd_train(args) -> None:
+    from facebce.train import train_from_recipe
+    r = train_from_recipe(args.recipe, overrides=args.set, resume=args.resume, init_backbone=args.init_backbone,
+                          out_dir=args.out)
+    line = f"trained {r.steps} steps in {r.seconds:.0f} s; final loss {r.loss:.4f}"
+    if r.threshold is not None:
+        line += f"; learned threshold {r.threshold:.4f}"
+    print(line)
+    for name, metrics in (r.verification or {}).items():
+        print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in metrics.items()))
+    print(f"  run folder: {r.run_dir} (config.yaml, metrics.jsonl/.csv, checkpoints/, backbone.pth, model.json)")
+
+
 def _model_spec(args):
     from facebce.eval.model_loading import ModelSpec
     return ModelSpec(args.model, arch=args.arch, embedding_size=args.embedding_size, color=args.color,
@@ -82,19 +97,23 @@ def _model_spec(args):
 
 def _cmd_export(args) -> None:
     from facebce.deploy.export import export_onnx
-    from facebce.models import build_backbone, load_insightface_weights
-    if not args.arch:
-        raise FacebceError(f"{args.model}: give --arch (r18 r34 r50 r100 r200 mbf) for a backbone state_dict")
-    model = load_insightface_weights(build_backbone(args.arch, embedding_size=args.embedding_size), args.model)
+    from facebce.eval.model_loading import ModelSpec, read_model_card
+    spec = ModelSpec(args.model, arch=args.arch, embedding_size=args.embedding_size)
+    model = spec.backbone()
+    card = read_model_card(spec.path) if spec.path.is_dir() else {}
     parity = None
     if args.parity_bin:
         from facebce.data.verification_bin import load_bin
         parity = load_bin(args.parity_bin).decode(progress=False)[: args.parity_images, ..., ::-1].copy()
-    metadata = {"backbone": args.arch, **{k: getattr(args, k) for k in ("head", "bias", "threshold")
-                                          if getattr(args, k) is not None}}
+    metadata = {"backbone": card.get("arch", args.arch), "head": card.get("head"), "bias": card.get("bias"),
+                "threshold": card.get("threshold")}
+    metadata.update({k: getattr(args, k) for k in ("head", "bias", "threshold") if getattr(args, k) is not None})
+    metadata = {k: v for k, v in metadata.items() if v is not None}
     report = export_onnx(model, args.out, opset=args.opset, metadata=metadata, parity_images=parity,
                          variants=[v for v in args.variants.split(",") if v])
-    print(f"exported {args.arch} -> {report.path} (opset {report.opset}, dynamic batch {report.dynamic_batch})")
+    print(f"exported {metadata['backbone']} -> {report.path} (opset {report.opset}, dynamic batch {report.dynamic_batch}"
+          + (f", threshold {metadata['threshold']:.4f} from the {metadata.get('head')} head)" if "threshold" in metadata
+             else ")"))
     for name, v in report.variants.items():
         print(f"  {name:5} {v.path}: {v.size_bytes / 1e6:.1f} MB, min cosine vs PyTorch {v.min_cosine:.7f} "
               f"over {report.n_parity_images} images, max |diff| {v.max_abs_diff:.2e}")
@@ -188,6 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--embedding-size", type=int, default=512)
     m.set_defaults(func=_cmd_models)
 
+    t = sub.add_parser("train", help="train a backbone + head from a YAML recipe (torchrun for several processes)")
+    t.add_argument("recipe", help="YAML recipe, e.g. recipes/demo_synthetic.yaml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set optim.lr=0.05 --set data.batch_size=64")
+    t.add_argument("--resume", action="store_true", help="continue exactly from the run folder's newest checkpoint")
+    t.add_argument("--init-backbone", help="start the backbone from an insightface .pth or a facebce checkpoint")
+    t.add_argument("--out", help="run folder (default: the recipe's checkpoint.dir, else runs/<recipe name>)")
+    t.set_defaults(func=_cmd_train)
+
     e = sub.add_parser("eval", help="evaluate a model at one global threshold beside the classic protocols")
     e.add_argument("model", nargs="?", default="-",
                    help="ONNX model or insightface-layout .pth (with --arch); '-' re-scores cached embeddings")
@@ -207,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     x = sub.add_parser("export", help="export a backbone to ONNX (parity-checked, insightface-loadable)")
-    x.add_argument("model", help="insightface-layout backbone state_dict (.pth)")
+    x.add_argument("model", help="a facebce training run folder, or an insightface-layout state_dict (.pth) with --arch")
     x.add_argument("out", help="output .onnx path")
     x.add_argument("--arch", help="backbone name (r18 r34 r50 r100 r200 mbf)")
     x.add_argument("--embedding-size", type=int, default=512)

@@ -113,3 +113,38 @@ def test_align_reports_every_photo(tmp_path, shared_data, capsys):
                  str(shared_data / "models" / "scrfd_2.5g_bnkps.onnx")]) == 0
     assert "no_face 1, ok 1, unreadable 1" in capsys.readouterr().out
     assert cv2.imread(str(tmp_path / "out" / "a" / "photo.jpg")).shape == (112, 112, 3)
+
+
+def test_train_then_eval_export_gallery_from_the_run_folder(tmp_path, capsys):
+    """The deployment path on one tiny run: train -> eval (learned threshold) -> export -> gallery."""
+    import json
+
+    import yaml
+
+    from facebce.data.tools import synthesize
+    synthesize(tmp_path / "s", identities=4, images=2, pairs=20)
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "steps": 3, "seed": 1, "num_threads": 1, "model": {"arch": "mbf", "embedding_size": 16},
+        "data": {"kind": "synthetic", "batch_size": 4, "num_workers": 0,
+                 "synthetic": {"identities": 6, "images": 2}},
+        "head": {"name": "bce_u_norm"}, "optim": {"lr": 0.05, "warmup_steps": 1},
+        "verification": {"every_steps": 0}, "log": {"every_steps": 1, "progress": False, "tensorboard": False}}))
+    run = tmp_path / "run"
+    assert main(["train", str(recipe), "--out", str(run), "--set", "optim.lr=0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "trained 3 steps" in out and "learned threshold" in out
+    card = json.loads((run / "model.json").read_text())
+    assert card["arch"] == "mbf" and card["head"] == "bce_u_norm" and card["threshold"] is not None
+
+    assert main(["eval", str(run), f"custom_bin={tmp_path / 's' / 'pairs.bin'}", "--threshold", "bias",
+                 "--out", str(tmp_path / "r")]) == 0
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["threshold"]["value"] == pytest.approx(card["threshold"])
+
+    assert main(["export", str(run), str(tmp_path / "m.onnx")]) == 0
+    assert f"threshold {card['threshold']:.4f} from the bce_u_norm head" in capsys.readouterr().out
+    g = str(tmp_path / "g.faiss")
+    assert main(["gallery", "build", g, str(tmp_path / "s" / "images"), "--model", str(tmp_path / "m.onnx")]) == 0
+    assert main(["gallery", "info", g]) == 0
+    assert f"threshold: {card['threshold']}" in capsys.readouterr().out

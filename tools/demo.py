@@ -1,26 +1,29 @@
 """`make demo`: the whole facebce path on built-in synthetic faces, each step printing what it did.
 
-Today: synthetic identities -> image folder -> MS1M-style .rec pack -> read back through a
-2-worker DataLoader -> a backbone embeds a batch -> held-out verification pairs (.bin) scored at
-one global threshold. Training, ONNX export and the FAISS gallery join as they land.
+synthetic identities -> MS1M-style .rec pack -> read back through a 2-worker DataLoader ->
+train a small MobileFaceNet with BCE-U (recipes/demo_synthetic.yaml) -> evaluate on pairs of
+identities it never saw, at one global threshold and at its learned threshold -> export ONNX ->
+enrol a FAISS gallery and search it with open-set rejection. Steps 4-7 are the `facebce`
+commands a user would type; the demo prints each one before running it.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from facebce.cli import main as facebce
 from facebce.data import RecDataset
 from facebce.data.tools import synthesize
-from facebce.data.verification_bin import load_bin
-from facebce.eval import best_threshold
-from facebce.models import build_backbone
-from facebce.models.embedder import TorchEmbedder
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "demo_synthetic.yaml"
 
 
 def step(title: str) -> float:
@@ -28,48 +31,63 @@ def step(title: str) -> float:
     return time.perf_counter()
 
 
+def run(*argv: str) -> None:
+    print("$ facebce " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    if facebce(list(argv)) != 0:
+        sys.exit(f"demo: 'facebce {argv[0]}' failed")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="demo_out")
-    ap.add_argument("--identities", type=int, default=40)
-    ap.add_argument("--images", type=int, default=12)
-    ap.add_argument("--arch", default="mbf")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(0)
+    started = time.perf_counter()
 
-    t = step("1. synthetic identities -> image folder -> .rec pack, held-out pairs -> .bin")
-    print(synthesize(out / "synth", identities=args.identities, images=args.images, seed=0,
-                     rec=True, pairs=400, pair_identities=20))
+    t = step("1. synthetic identities -> image folder -> MS1M-style .rec pack")
+    print(synthesize(out / "synth", identities=40, images=5, seed=0, rec=True))
     print(f"   ({time.perf_counter() - t:.1f} s)")
 
     t = step("2. read the pack back (pure-Python RecordIO, 2 DataLoader workers)")
     ds = RecDataset(out / "synth" / "rec", train=True)
-    loader = DataLoader(ds, batch_size=64, shuffle=True, num_workers=2)
-    n = 0
-    for images, labels in loader:
-        n += len(images)
-    dt = time.perf_counter() - t
-    print(f"   {len(ds)} images, {ds.num_classes} classes, batches of {tuple(images.shape)}; "
-          f"{n / dt:.0f} images/s including worker start-up")
+    n = sum(len(images) for images, _ in DataLoader(ds, batch_size=50, shuffle=True, num_workers=2))
+    print(f"   {n} images of {ds.num_classes} classes read back as {tuple(ds[0][0].shape)} tensors "
+          f"({time.perf_counter() - t:.1f} s)")
 
-    t = step(f"3. backbone {args.arch}: embed a batch (eval mode)")
-    model = build_backbone(args.arch).eval()
-    with torch.inference_mode():
-        emb = model(images[:32])
-    print(f"   {sum(p.numel() for p in model.parameters()):,} parameters; embeddings {tuple(emb.shape)}, "
-          f"mean L2 norm {emb.norm(dim=1).mean():.3g} ({time.perf_counter() - t:.1f} s)")
+    step("3. train mbf + bce_u_norm on 100 synthetic identities (held-out pairs of 50 others)")
+    run_dir = out / "run"
+    run("train", str(RECIPE), "--out", str(run_dir))
 
-    t = step("4. held-out verification pairs at one global threshold (untrained network: near chance)")
-    vs = load_bin(out / "synth" / "pairs.bin")
-    rgb = vs.decode(progress=False)
-    e = TorchEmbedder(model, flip=True).embed(np.ascontiguousarray(rgb[..., ::-1]))  # embedders take BGR
-    scores = np.sum(e[0::2] * e[1::2], axis=1)
-    r = best_threshold(scores, vs.issame)
-    print(f"   {vs.num_pairs} pairs: best single-threshold accuracy {r.accuracy:.3f} at cos > {r.threshold:.3f} "
-          f"(TAR {r.tar:.3f}, FAR {r.far:.3f}) ({time.perf_counter() - t:.1f} s)")
-    print(f"\ndemo finished: outputs in {out}/")
+    step("4. evaluate on the held-out identities: 10-fold, best single threshold, and the learned threshold b/γ")
+    pairs = run_dir / "heldout_pairs.bin"
+    run("eval", str(run_dir), f"custom_bin={pairs}", "--out", str(out / "report"))
+    run("eval", str(run_dir), f"custom_bin={pairs}", "--threshold", "bias")
+
+    step("5. export to ONNX (parity-checked against PyTorch), recommending the pair threshold calibrated in step 4")
+    # b/γ thresholds embedding-vs-class-centre scores; a gallery compares embeddings with
+    # embeddings, so the deployed threshold is the one fitted on held-out pairs (the head and its
+    # learned bias are recorded in the metadata as well).
+    calibrated = json.loads((out / "report" / "report.json").read_text())["threshold"]["value"]
+    run("export", str(run_dir), str(out / "model.onnx"), "--threshold", f"{calibrated:.4f}")
+
+    step("6. enrol identities in a FAISS gallery, then search known and never-enrolled faces")
+    synthesize(out / "people", identities=8, images=2, seed=7, first_identity=5000)
+    enrol, probes = out / "enrol", out / "probes"
+    for person in sorted((out / "people" / "images").iterdir()):
+        first, second = sorted(person.iterdir())
+        if person.name < "id_0006":  # six people are enrolled; two never are
+            (enrol / person.name).mkdir(parents=True)
+            shutil.copy(first, enrol / person.name / first.name)
+        probes.mkdir(exist_ok=True)
+        shutil.copy(second, probes / f"{person.name}.jpg")
+    gallery = str(out / "gallery.faiss")
+    run("gallery", "build", gallery, str(enrol), "--model", str(out / "model.onnx"))
+    run("gallery", "search", gallery, *sorted(map(str, probes.iterdir())), "--model", str(out / "model.onnx"), "-k", "2")
+
+    print(f"\ndemo finished in {time.perf_counter() - started:.0f} s: outputs in {out}/ "
+          f"(report/report.md and plots, model.onnx, gallery.faiss)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from facebce.data.transforms import INPUT_MEAN, INPUT_STD
 from facebce.errors import ModelError
 from facebce.models.embedder import META_THRESHOLD, OnnxEmbedder, Preprocess, TorchEmbedder, insightface_preprocess
 
-__all__ = ["ExportReport", "VariantReport", "export_onnx"]
+__all__ = ["ExportReport", "VariantReport", "convert_variant", "export_onnx"]
 
 INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
@@ -89,7 +89,7 @@ def export_onnx(backbone: nn.Module, out_path: str | os.PathLike, *, opset: int 
     try:
         _export_fp32(model, temps["fp32"], opset, dynamic_batch, side, props)
         for name in variants:
-            _CONVERTERS[name](temps["fp32"], temps[name])
+            convert_variant(temps["fp32"], temps[name], name)
         images = _parity_inputs(parity_images, side) if check else None
         reference = TorchEmbedder(model, normalize=False).embed(images) if check else None
         reports = {name: _variant_report(name, temps[name], paths[name], reference, images) for name in paths}
@@ -188,6 +188,33 @@ def _check_insightface_view(proto: onnx.ModelProto, path: Path) -> None:
     if (sniffed.mean, sniffed.std) != (INPUT_MEAN, INPUT_STD):
         raise ModelError(f"{path}: early Sub*/Mul* node names make insightface feed raw pixels; "
                          f"rename them (normalisation happens outside the graph)")
+
+
+def convert_variant(src: str | os.PathLike, dst: str | os.PathLike, kind: str) -> Path:
+    """Write the `kind` variant of the fp32 ONNX model `src` to `dst` and return `dst`.
+
+    kind 'fp16': fp16 weights and compute, fp32 input and output; 'int8': dynamic int8 quantisation
+    (weights int8 offline, activations quantised per run; no calibration data). Works on any fp32
+    ONNX model, facebce's exports and foreign ones alike (fixed or symbolic batch, opset >= 11);
+    metadata_props are kept. The file is built under a temporary name beside `dst` and renamed into
+    place, so `dst` is never half-written and is left as it was on failure. `src` may equal `dst`.
+    No accuracy check is made here: export_onnx checks its variants, others are the caller's to check.
+    """
+    if not isinstance(kind, str) or kind not in VARIANTS:
+        raise ModelError(f"variant kind={kind!r}: expected one of {', '.join(VARIANTS)}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise ModelError(f"{src}: no such ONNX file")
+    temp = _temp_path(dst)
+    try:
+        try:
+            _CONVERTERS[kind](src, temp)
+        except Exception as e:  # onnx / onnxruntime raise their own types for models they cannot convert
+            raise ModelError(f"{src}: {kind} conversion failed ({type(e).__name__}: {e})") from e
+        os.replace(temp, dst)
+    finally:
+        temp.unlink(missing_ok=True)
+    return dst
 
 
 def _to_fp16(src: Path, dst: Path) -> None:

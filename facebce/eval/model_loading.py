@@ -2,9 +2,10 @@
 
 `ModelSpec` describes the model without loading it, so `evaluate` can re-score cached embeddings
 without onnxruntime or torch touching the file; `build()` loads it only when a set is not cached.
-Supported files: an ONNX recognition model (OnnxEmbedder), and an insightface arcface_torch
-state_dict `.pth`/`.pt` with an architecture name (TorchEmbedder over build_backbone +
-load_insightface_weights). facebce training checkpoints come with the training engine.
+Supported: an ONNX recognition model (OnnxEmbedder); an insightface arcface_torch state_dict
+`.pth`/`.pt` with an architecture name (TorchEmbedder over build_backbone + load_insightface_weights);
+and a facebce training run folder, whose `model.json` names the architecture, its options, the
+weights file and the head's learned threshold (read here without importing the training code).
 """
 from __future__ import annotations
 
@@ -20,7 +21,22 @@ from facebce.models import build_backbone, list_backbones, load_insightface_weig
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision Normalize on 0..255 pixels, RGB order
 IMAGENET_STD = (58.395, 57.12, 57.375)
 _TORCH_SUFFIXES = (".pth", ".pt")
-_CHECKPOINT_SUFFIXES = (".ckpt",)
+MODEL_CARD = "model.json"  # written by facebce.train at the end of a run
+
+
+def read_model_card(run_dir: str | os.PathLike) -> dict:
+    """The run folder's model.json: arch, embedding_size, options, head, bias, threshold, weights."""
+    path = Path(run_dir) / MODEL_CARD
+    if not path.is_file():
+        raise ModelError(f"{run_dir}: not a finished facebce training run (no {MODEL_CARD}; "
+                         f"a run writes it with backbone.pth when it ends)")
+    try:
+        card = json.loads(path.read_text())
+    except ValueError as e:
+        raise ModelError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(card, dict) or card.get("format") != "facebce-model" or "arch" not in card:
+        raise ModelError(f"{path}: not a facebce model card")
+    return card
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,29 @@ class ModelSpec:
         """Cache key: file name, a digest of its bytes and of the options that change embeddings."""
         _check_kind(self.path, self.arch)
         options = json.dumps([self.arch, self.embedding_size, self.color, self.mean, self.std])
-        return f"{self.path.stem}-{file_digest(self.path)[:12]}-{hashlib.sha256(options.encode()).hexdigest()[:8]}"
+        return (f"{self.path.stem}-{file_digest(self.weights_file)[:12]}-"
+                f"{hashlib.sha256(options.encode()).hexdigest()[:8]}")
+
+    @property
+    def weights_file(self) -> Path:
+        """The file holding the weights: the model file, or a run folder's backbone.pth."""
+        if self.path.is_dir():
+            return self.path / read_model_card(self.path).get("weights", "backbone.pth")
+        return self.path
+
+    @property
+    def learned_threshold(self) -> float | None:
+        """A training run's learned unified threshold (b or b/γ of its head), else None."""
+        return read_model_card(self.path).get("threshold") if self.path.is_dir() else None
+
+    def backbone(self):
+        """The PyTorch backbone with its weights (a .pth with `arch`, or a run folder), in eval mode."""
+        if self.path.is_dir():
+            card = read_model_card(self.path)
+            model = build_backbone(card["arch"], embedding_size=card["embedding_size"], **card.get("options", {}))
+        else:
+            model = build_backbone(self.arch, embedding_size=self.embedding_size)
+        return load_insightface_weights(model, self.weights_file).eval()
 
     def describe(self) -> str:
         pre = "model's own" if self.mean is None else f"{self.color}, mean {self.mean}, std {self.std}"
@@ -68,16 +106,17 @@ class ModelSpec:
         if self.path.suffix.lower() == ".onnx":
             return OnnxEmbedder(self.path, preprocess=preprocess, batch_size=self.batch_size, flip=flip,
                                 normalize=normalize)
-        model = load_insightface_weights(build_backbone(self.arch, embedding_size=self.embedding_size), self.path)
-        return TorchEmbedder(model.eval(), preprocess=preprocess or Preprocess(color=self.color),
+        return TorchEmbedder(self.backbone(), preprocess=preprocess or Preprocess(color=self.color),
                              batch_size=self.batch_size, flip=flip, normalize=normalize)
 
 
 def _check_kind(path: Path, arch: str | None) -> None:
     """One-line ModelErrors for what cannot be loaded, before any library touches the file."""
-    if path.is_dir() or path.suffix.lower() in _CHECKPOINT_SUFFIXES:
-        raise ModelError(f"{path}: facebce checkpoints arrive with the training engine; "
-                         "evaluate an exported .onnx or an insightface .pth with --arch for now")
+    if path.is_dir():
+        weights = path / read_model_card(path).get("weights", "backbone.pth")
+        if not weights.is_file():
+            raise ModelError(f"{path}: the run's weights {weights.name} are missing")
+        return
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
     suffix = path.suffix.lower()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -171,6 +172,27 @@ class Checkpointer(Callback):
         if trainer.is_main:
             state = {k: v.detach().cpu() for k, v in trainer.backbone.state_dict().items()}
             ckpt.atomic_save(state, trainer.run_dir / "backbone.pth")
+            _write_json_atomic(trainer.run_dir / MODEL_CARD, model_card(trainer))
+
+
+MODEL_CARD = "model.json"
+
+
+def model_card(trainer) -> dict:
+    """What evaluation and export need to rebuild the backbone and know its learned threshold,
+    without importing the training code: architecture, options, head, bias b and threshold."""
+    m, head = trainer.cfg.model, trainer.head
+    bias = getattr(head, "bias", None)
+    return {"format": "facebce-model", "arch": m.arch, "embedding_size": m.embedding_size,
+            "options": dict(m.options), "head": trainer.cfg.head.name,
+            "bias": float(bias.detach()) if bias is not None and bias.numel() == 1 else None,
+            "threshold": head.threshold, "steps": trainer.step, "weights": "backbone.pth"}
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 class Verification(Callback):

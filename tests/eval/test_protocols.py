@@ -7,7 +7,7 @@ from facebce.errors import ConfigError
 from facebce.eval.protocols import (KINDS, PATH_ENV, describe_protocols, get_protocol, list_protocols,
                                     load_protocol_file)
 
-SHIPPED = ["agedb_30", "calfw", "cfp_ff", "cfp_fp", "cplfw", "custom_pairs", "ijbb", "ijbc", "lfw", "open_set_folder"]
+SHIPPED = ["agedb_30", "calfw", "cfp_ff", "cfp_fp", "cplfw", "custom_bin", "custom_pairs", "ijbb", "ijbc", "lfw", "open_set_folder"]
 
 
 def test_shipped_protocols_are_all_there():
@@ -22,8 +22,10 @@ def test_every_shipped_protocol_loads(name):
     assert p.name == name and p.kind in KINDS and p.source.name == f"{name}.yaml"
     if p.kind in ("pairs_bin", "pairs_list"):
         assert p["folds"] == 10 and p["fold_scheme"] == "contiguous" and p["file"]
-    if p.kind == "pairs_bin":
+    if p.kind == "pairs_bin" and name != "custom_bin":  # the public benchmark sets
         assert p["file"] == f"{name}.bin" and p["pairs"] in (6000, 7000)
+    if name == "custom_bin":  # any size: no pair-count warning
+        assert p["file"] == "pairs.bin" and p.settings.get("pairs") is None
     if p.kind == "open_set_folder":
         assert (p["enrol_per_identity"], p["unknown_fraction"], p["seed"]) == (1, 0.3, 0)
         assert p["fpir_targets"] == [1e-3, 1e-2, 1e-1] and p["ranks"] == [1, 5] and p.metrics == ("identification",)
