@@ -124,7 +124,7 @@ def _check_kind(path: Path, arch: str | None) -> None:
         raise ModelError(f"{path}: an insightface .pth needs its architecture (--arch one of "
                          f"{', '.join(list_backbones())})")
     if suffix not in (".onnx", *_TORCH_SUFFIXES):
-        raise ModelError(f"{path}: unknown model file type {suffix or '(none)'}; expected .onnx or .pth")
+        raise ModelError(f"{path}: unknown model file type {suffix or '(none)'}; expected .onnx, .pth or a training run folder")
 
 
 def file_digest(path: str | os.PathLike) -> str:

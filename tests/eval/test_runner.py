@@ -202,8 +202,11 @@ def test_model_files_give_one_line_errors(data, tmp_path):
     with pytest.raises(ModelError, match="needs its architecture"):
         _run(data, ModelSpec(tmp_path / "r50.pth"))
     (tmp_path / "run.ckpt").write_bytes(b"x")
-    with pytest.raises(ModelError, match="facebce checkpoints arrive with the training engine"):
+    with pytest.raises(ModelError, match="unknown model file type .ckpt; expected .onnx, .pth or a training run"):
         _run(data, ModelSpec(tmp_path / "run.ckpt"))
+    (tmp_path / "unfinished_run").mkdir()
+    with pytest.raises(ModelError, match="unfinished_run: not a finished facebce training run"):
+        _run(data, ModelSpec(tmp_path / "unfinished_run"))
     with pytest.raises(ModelError, match="no such model file"):
         _run(data, ModelSpec(tmp_path / "none.onnx"))
     with pytest.raises(ModelError, match="give both mean and std"):
