@@ -92,6 +92,11 @@ class ModelSpec:
             model = build_backbone(self.arch, embedding_size=self.embedding_size)
         return load_insightface_weights(model, self.weights_file).eval()
 
+    def classifier(self) -> "Classifier":
+        """The run's closed-set classifier (class centres, score kind, thresholds); a one-line
+        ModelError when the model is not a facebce run folder with centres."""
+        return load_classifier(self.path)
+
     def describe(self) -> str:
         pre = "model's own" if self.mean is None else f"{self.color}, mean {self.mean}, std {self.std}"
         arch = f" ({self.arch})" if self.arch else ""
@@ -108,6 +113,70 @@ class ModelSpec:
                                 normalize=normalize)
         return TorchEmbedder(self.backbone(), preprocess=preprocess or Preprocess(color=self.color),
                              batch_size=self.batch_size, flip=flip, normalize=normalize)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """A training run's head as evaluation needs it: bias-free scores of its classes from the centres."""
+
+    scores: str  # "cosine" (normalised heads) | "linear" (w_j·z)
+    centres: "object"  # torch float32 tensor, num_classes x embedding_size
+    threshold: float | None  # the learned unified threshold (b or b/γ), on the score scale
+    class_thresholds: "object | None"  # per-class learned thresholds (b_j or b_j/γ), or None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.centres.shape[0])
+
+    def class_scores(self, embeddings):
+        """n x N float32 numpy matrix of bias-free scores, computed as the head's `scores()` does."""
+        return class_scores(self.scores, self.centres, embeddings)
+
+
+def load_classifier(run_dir: str | os.PathLike) -> Classifier:
+    """Read a run folder's centres.pth (and class_thresholds.pth) as named by its model card."""
+    import torch
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ModelError(f"{path}: closed-set classification needs a facebce training run folder "
+                         "(its model.json and centres.pth), not a model file")
+    card = read_model_card(path)
+    kind, centres = card.get("scores"), card.get("centres")
+    if kind not in ("cosine", "linear") or not centres:
+        raise ModelError(f"{path}: the run has no class centres to classify with (head {card.get('head')!r}: "
+                         f"scores {kind!r}; runs trained before centres.pth was written need retraining)")
+    file = path / centres
+    if not file.is_file():
+        raise ModelError(f"{path}: the run's class centres {centres} are missing")
+    weight = torch.load(file, map_location="cpu", weights_only=True).float()
+    n = card.get("num_classes")
+    if weight.ndim != 2 or weight.shape[1] != card["embedding_size"] or (n is not None and weight.shape[0] != n):
+        raise ModelError(f"{file}: centres of shape {tuple(weight.shape)}, expected {n} x {card['embedding_size']}")
+    thresholds = None
+    if card.get("class_thresholds"):
+        thresholds = torch.load(path / card["class_thresholds"], map_location="cpu", weights_only=True).double()
+    return Classifier(kind, weight, card.get("threshold"), thresholds)
+
+
+def class_scores(kind: str, centres, embeddings):
+    """Bias-free scores S (n x N, float32 numpy) of raw embeddings against class centres, exactly as the
+    head computes them: cosine (both sides L2-normalised, centre norms clamped at 1e-12, clamped to
+    [-1, 1]) or linear (w_j·z on the raw, unnormalised embeddings)."""
+    import torch
+    import torch.nn.functional as F
+
+    z = torch.as_tensor(embeddings).float()
+    w = torch.as_tensor(centres).float()
+    with torch.no_grad():
+        if kind == "cosine":
+            norms = torch.linalg.vector_norm(w, dim=1).clamp_min(1e-12)
+            s = (F.linear(F.normalize(z, dim=1, eps=1e-12), w) / norms).clamp(-1.0, 1.0)
+        elif kind == "linear":
+            s = F.linear(z, w)
+        else:
+            raise ModelError(f"scores {kind!r}: expected cosine or linear")
+    return s.numpy()
 
 
 def _check_kind(path: Path, arch: str | None) -> None:

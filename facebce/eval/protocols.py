@@ -6,7 +6,10 @@ Three kinds exist:
 - `pairs_list`: a text/CSV file of `path1 path2 label` lines with images relative to a root;
 - `ijb`: the IJB-B/C meta files and loose crops of insightface's IJB_release layout;
 - `open_set_folder`: a labelled folder of aligned crops `ROOT/<identity>/*.jpg`, split into a
-  gallery and probes with identities that are never enrolled (open-set 1:N identification).
+  gallery and probes with identities that are never enrolled (open-set 1:N identification);
+- `classification_folder`: a labelled val set `ROOT/<identity>/*.jpg` of a training run's own classes
+  (sorted identity folders = class ids 0..N-1), scored against the run's class centres (uniform
+  classification: SW / Uni / class-wise accuracy, t*, |bias - t*|).
 Every key is checked against its kind's schema when the file is read, so a typo is a ConfigError
 naming the file and the key instead of a silently ignored setting.
 """
@@ -24,7 +27,7 @@ from facebce.errors import ConfigError
 
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "eval_protocols"
 PATH_ENV = "FACEBCE_PROTOCOLS"  # extra protocol dirs/files, os.pathsep-separated
-KINDS = ("pairs_bin", "pairs_list", "ijb", "open_set_folder")
+KINDS = ("pairs_bin", "pairs_list", "ijb", "open_set_folder", "classification_folder")
 METRICS = ("ten_fold", "tar_at_far", "identification")  # best/global threshold are always reported
 FOLD_SCHEMES = ("contiguous",)  # insightface KFold(shuffle=False); file order defines the folds
 DEFAULT_FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -103,6 +106,12 @@ _SCHEMAS = {
                         "ranks": (_OPTIONAL, lambda v: isinstance(v, list) and len(v) > 0
                                   and all(map(_positive_int, v)), [1, 5], "a non-empty list of integers >= 1"),
                         },
+    "classification_folder": {**_COMMON,
+                              "metrics": (_OPTIONAL, lambda v: v == ["uniform"], ["uniform"], "[uniform]"),
+                              "image_size": _PAIRS["image_size"],
+                              "max_per_class": (_OPTIONAL, lambda v: v is None or _positive_int(v), None,
+                                                "an integer >= 1 or null (all images)"),
+                              },
 }
 _IJB_FILES = {  # key -> default name from the prefix
     "tid_mid": "{prefix}_face_tid_mid.txt",
@@ -272,6 +281,7 @@ def describe_protocols(extra: Iterable[str | os.PathLike] = ()) -> str:
     """One line per protocol (name, kind, default data file, description, source): `facebce eval --list`."""
     rows = []
     for name, p in sorted(load_registry(extra).items()):
-        data = p["folder"] if p.kind == "ijb" else "ROOT/<id>/*.jpg" if p.kind == "open_set_folder" else p["file"]
+        data = (p["folder"] if p.kind == "ijb" else "ROOT/<id>/*.jpg"
+                if p.kind in ("open_set_folder", "classification_folder") else p["file"])
         rows.append(f"{name:15} {p.kind:15} {data:16} {p.description}  [{p.source}]")
     return "\n".join(rows)

@@ -171,10 +171,14 @@ def _open_set_tables(o, report: EvalReport) -> list[str]:
 def _uniform_table(report: EvalReport) -> list[str]:
     u = report.uniform
     gap = "—" if u.gap is None else f"{abs(u.gap):.4f}"
-    return ["## Uniform classification", "",
-            "| SW acc % | Uni acc % | t* | segment | bias | \\|bias − t*\\| |", "|---|---|---|---|---|---|",
+    where = (f"{u.name} ({u.path}): {u.n_samples} images of {u.num_classes} training classes, scored against "
+             "the run's class centres (bias-free scores)" if u.name else "a given score matrix")
+    return ["## Uniform classification", "", f"- {where}", "",
+            "| SW acc % | Uni acc % | t* | segment | CW opt % | CW learned % | bias | \\|bias − t*\\| |",
+            "|---|---|---|---|---|---|---|---|",
             f"| {_pct(u.sample_wise)} | {_pct(u.uniform.accuracy)} | {_num(u.uniform.threshold)} "
-            f"| ({_num(u.uniform.segment[0])}, {_num(u.uniform.segment[1])}) | {_num(u.bias)} | {gap} |", ""]
+            f"| ({_num(u.uniform.segment[0])}, {_num(u.uniform.segment[1])}) | {_pct(u.class_wise_opt)} "
+            f"| {_pct(u.class_wise_learned)} | {_num(u.bias)} | {gap} |", ""]
 
 
 # ----------------------------------------------------------------------------- plots

@@ -13,6 +13,9 @@ IJB sets are scored with facebce.eval.ijb and get TAR/FAR (and 1:N TPIR/FPIR) at
 Open-set folder sets (a labelled folder split into gallery and probes with never-enrolled
 identities, facebce.eval.open_set) are embedded and cached like the pairs sets and get CMC,
 DIR@FPIR and DIR/FPIR at that threshold; like IJB sets they never take part in fitting it.
+A classification folder set (a labelled val set of a training run's own classes) is embedded once
+per image (no flip, raw embeddings, as the head saw its training crops), scored against the run's
+class centres like its head's `scores()`, and fills the uniform-classification section.
 The 10-fold number refits its threshold per fold, so it is reported beside, never instead of, the
 global-threshold accuracy.
 """
@@ -41,11 +44,13 @@ from facebce.eval.open_set import GalleryProbeSplit, OpenSetSetResult, evaluate_
 from facebce.eval.protocols import Protocol, get_protocol
 from facebce.eval.roc import DEFAULT_TAR_MODE, FAR_TARGETS, TAR_MODES, Roc, TarAtFar
 from facebce.eval.tenfold import TenFoldResult, ten_fold
-from facebce.eval.uniform import UniformResult, bias_gap, sample_wise_accuracy, uniform_accuracy
+from facebce.eval.uniform import (UniformResult, bias_gap, class_wise_accuracy, class_wise_accuracy_opt,
+                                  sample_wise_accuracy, uniform_accuracy)
 from facebce.eval.verification import ThresholdResult, accuracy_at_threshold, best_threshold
 
 PAIR_KINDS = ("pairs_bin", "pairs_list")
 OPEN_SET_KIND = "open_set_folder"
+CLASSIFICATION_KIND = "classification_folder"
 THRESHOLD_SOURCES = "fit:union | fit:<set> | fixed:<t> | bias"
 _CHUNK = 256  # images per embed call: a progress step, and a bound on the crops held at once
 _TRUE = {"1", "true", "same", "yes", "genuine"}
@@ -83,6 +88,12 @@ class UniformSection:
     uniform: UniformResult  # Acc_Uni, t*, its segment
     bias: float | None  # the learned threshold (b or b/γ), when given
     gap: float | None  # bias - t*
+    class_wise_opt: float | None = None  # Acc_CW_opt: per-class thresholds optimised from t*
+    class_wise_learned: float | None = None  # Acc_CW at the head's learned per-class thresholds, if any
+    name: str | None = None  # the classification set it was computed on (None: a given score matrix)
+    path: str | None = None
+    n_samples: int | None = None
+    num_classes: int | None = None
 
 
 @dataclass
@@ -136,6 +147,7 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias)
     source = EmbeddingSource(model, flip=flip, cache_dir=cache_dir, model_name=model_name, progress=progress)
     folders = [(p, path, load_open_set_folder(p, path)) for p, path in resolved if p.kind == OPEN_SET_KIND]
+    classify = _classification_set(resolved, model, uniform)
 
     scored = {}
     for protocol, path in pair_sets:
@@ -147,9 +159,12 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     ijb = [_ijb_result(p, path, source, align, global_t.value, far_targets, tar_mode, flip, progress)
            for p, path in resolved if p.kind == "ijb"]
     open_set = [_open_set_result(p, path, folder, source, global_t.value) for p, path, folder in folders]
+    if classify is not None:
+        section = _classification_result(*classify, source, bias)
+    else:
+        section = uniform_section(*uniform, bias=bias) if uniform is not None else None
     report = EvalReport(model=source.label, flip=flip, tar_mode=tar_mode, threshold=global_t, sets=sets, ijb=ijb,
-                        open_set=open_set, bias=bias,
-                        uniform=uniform_section(*uniform, bias=bias) if uniform is not None else None)
+                        open_set=open_set, bias=bias, uniform=section)
     if out_dir is not None:
         from facebce.eval.report import write_report
         write_report(report, out_dir)
@@ -384,11 +399,91 @@ def _open_set_result(protocol: Protocol, path: Path, folder: FolderImages, sourc
                              ranks=protocol["ranks"], classes=folder.classes, name=protocol.name, path=str(path))
 
 
-def uniform_section(scores, labels, *, bias: float | None = None) -> UniformSection:
-    """SW accuracy, Acc_Uni with t*, and the gap between a learned bias and t* (metrics.md §1)."""
+def uniform_section(scores, labels, *, bias: float | None = None, class_thresholds=None,
+                    **where) -> UniformSection:
+    """SW accuracy, Acc_Uni with t*, Acc_CW_opt (and Acc_CW at learned per-class thresholds when
+    given), and the gap between a learned bias and t* (metrics.md §1). `where`: name, path, ... ."""
     result = uniform_accuracy(scores, labels)
     gap = bias_gap(bias, result.threshold) if bias is not None else None
-    return UniformSection(sample_wise_accuracy(scores, labels), result, bias, gap)
+    learned = class_wise_accuracy(scores, labels, class_thresholds).accuracy if class_thresholds is not None else None
+    return UniformSection(sample_wise_accuracy(scores, labels), result, bias, gap,
+                          class_wise_opt=class_wise_accuracy_opt(scores, labels).accuracy,
+                          class_wise_learned=learned, **where)
+
+
+# ----------------------------------------------------------------------------- classification folder sets
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """A labelled val set before embedding: every image distinct, labels = training class ids."""
+
+    classes: list[str]
+    labels: np.ndarray
+    read: Callable[[np.ndarray], np.ndarray]
+    digest: str
+
+    @property
+    def first(self) -> np.ndarray:
+        return np.arange(self.labels.size)
+
+    @property
+    def inverse(self) -> np.ndarray:
+        return self.first
+
+
+def _classification_set(resolved, model, uniform):
+    """(protocol, path, images, classifier) of the one classification_folder set, or None; every
+    problem (no run folder, no centres, class count) is a one-line error before anything is embedded."""
+    chosen = [(p, path) for p, path in resolved if p.kind == CLASSIFICATION_KIND]
+    if not chosen:
+        return None
+    if len(chosen) > 1:
+        raise ConfigError(f"{CLASSIFICATION_KIND}: give one classification set, not {len(chosen)} "
+                          "(the report has one uniform-classification section)")
+    if uniform is not None:
+        raise ConfigError(f"{CLASSIFICATION_KIND}: the uniform section comes from this set; do not also pass uniform=")
+    protocol, path = chosen[0]
+    if not isinstance(model, ModelSpec):
+        raise ConfigError(f"{protocol.name}: closed-set classification needs a facebce training run folder as the "
+                          "model (its class centres), not embeddings or a re-score from the cache")
+    classifier = model.classifier()
+    images = load_classification_folder(protocol, path)
+    if len(images.classes) != classifier.num_classes:
+        raise ConfigError(f"{protocol.name} on {path}: {len(images.classes)} identity folders, but the run "
+                          f"{model.path} has {classifier.num_classes} classes (sorted folders must be its class ids)")
+    return protocol, path, images, classifier
+
+
+def load_classification_folder(protocol: Protocol, path: str | os.PathLike) -> LabelledImages:
+    """ROOT/<identity>/*.jpg with sorted identities as class ids 0..N-1 (at most `max_per_class`
+    images each, the first in sorted order); the digest covers every used image's path and bytes."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataFormatError(f"{path}: no such {protocol.name} folder (expected ROOT/<identity>/*.jpg)")
+    classes, paths, labels = scan_image_folder(path)
+    if protocol["max_per_class"] is not None:
+        rank = np.arange(labels.size) - np.searchsorted(labels, labels, side="left")  # labels are sorted
+        keep = np.flatnonzero(rank < protocol["max_per_class"])
+        paths, labels = [paths[i] for i in keep], labels[keep]
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.relative_to(path).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    size = protocol["image_size"]
+
+    def read(index: np.ndarray) -> np.ndarray:
+        return np.stack([_read_crop(str(paths[i]), size, protocol.name) for i in index])
+
+    return LabelledImages(classes, labels, read, h.hexdigest())
+
+
+def _classification_result(protocol: Protocol, path: Path, images: LabelledImages, classifier,
+                           source: "EmbeddingSource", bias: float | None) -> UniformSection:
+    raw = source.raw_embeddings(protocol.name, images)
+    scores = classifier.class_scores(raw)
+    learned = classifier.threshold if classifier.threshold is not None else bias
+    thresholds = None if classifier.class_thresholds is None else classifier.class_thresholds.numpy()
+    return uniform_section(scores, images.labels, bias=learned, class_thresholds=thresholds, name=protocol.name,
+                           path=str(path), n_samples=int(images.labels.size), num_classes=classifier.num_classes)
 
 
 # ----------------------------------------------------------------------------- embeddings and their cache
@@ -432,6 +527,22 @@ class EmbeddingSource:
             _save_npy(cache, raw)
         return emb
 
+    def raw_embeddings(self, name: str, images: LabelledImages) -> np.ndarray:
+        """Raw float32 embeddings (no flip, not normalised: what a head scores in training) of every
+        image of a classification set, cached apart from the flip-summed ones."""
+        n_images = images.inverse.size
+        cache = self._cache_path(f"{name}-{images.digest[:16]}-raw")
+        if cache is not None and cache.is_file():
+            raw = _load_npy(cache)
+        else:
+            raw = self._embed_distinct(self._embedder("classify"), images, name, mirror=False)
+            if cache is not None:
+                _save_npy(cache, raw)
+        raw = np.asarray(raw, np.float32)
+        if raw.ndim != 2 or raw.shape[0] != n_images or not np.isfinite(raw).all():
+            raise DataFormatError(f"{name}: raw embeddings of shape {raw.shape} (expected {n_images} x D, finite)")
+        return raw
+
     def ijb_features(self, meta, *, views: int, align) -> np.ndarray:
         """Raw per-image features (rows x views x D) of an IJB set, cached like the pairs sets."""
         if isinstance(self.model, Mapping):
@@ -460,13 +571,15 @@ class EmbeddingSource:
         if not isinstance(self.model, ModelSpec):
             return self.model
         if purpose not in self._built:
-            crops = purpose == "crops"  # aligned crops, flip-summed and normalised; IJB wants the views apart
+            crops = purpose == "crops"  # aligned crops, flip-summed and normalised; IJB wants the views apart;
+            # "classify": single unflipped raw embeddings, as the head saw them in training
             self._built[purpose] = self.model.build(flip=self.flip and crops, normalize=crops)
         return self._built[purpose]
 
-    def _embed_distinct(self, embedder, images: PairImages | FolderImages, name: str) -> np.ndarray:
+    def _embed_distinct(self, embedder, images, name: str, *, mirror: bool | None = None) -> np.ndarray:
         """Embeddings of the distinct images; the runner mirrors only embedders that do not flip themselves."""
-        mirror = self.flip and not getattr(embedder, "flip", False)
+        if mirror is None:
+            mirror = self.flip and not getattr(embedder, "flip", False)
         out = []
         first = images.first
         for start in tqdm(range(0, first.size, _CHUNK), desc=f"embed {name}", unit="chunk",

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from facebce.data.verification_bin import load_bin
 from facebce.eval import accuracy_at_threshold, best_threshold, ten_fold
+from facebce.heads.base import ClassCentreHead
 from facebce.models.embedder import TorchEmbedder
 from facebce.train import checkpoint as ckpt
 
@@ -169,24 +170,66 @@ class Checkpointer(Callback):
     def on_train_end(self, trainer):
         if self.last_saved_step != trainer.step:
             self.save(trainer)
+        centres = class_centres(trainer)  # a collective (gathers the head's rows): every rank
         if trainer.is_main:
             state = {k: v.detach().cpu() for k, v in trainer.backbone.state_dict().items()}
             ckpt.atomic_save(state, trainer.run_dir / "backbone.pth")
-            _write_json_atomic(trainer.run_dir / MODEL_CARD, model_card(trainer))
+            card = model_card(trainer)
+            if centres is not None:
+                weight, thresholds = centres
+                ckpt.atomic_save(weight, trainer.run_dir / CENTRES)
+                card["centres"] = CENTRES
+                if thresholds is not None:
+                    ckpt.atomic_save(thresholds, trainer.run_dir / CLASS_THRESHOLDS)
+                    card["class_thresholds"] = CLASS_THRESHOLDS
+            _write_json_atomic(trainer.run_dir / MODEL_CARD, card)
 
 
 MODEL_CARD = "model.json"
+CENTRES = "centres.pth"  # the head's class centres, a plain N x d float tensor
+CLASS_THRESHOLDS = "class_thresholds.pth"  # per-class learned thresholds (b_j or b_j/γ), N floats
+
+
+def _inner_head(trainer):
+    return getattr(trainer.head, "head", trainer.head)  # PartialFC wraps the class-centre head
+
+
+def score_kind(trainer) -> Optional[str]:
+    """'cosine' | 'linear' when the head's bias-free scores are a plain function of its centres
+    (class-centre heads: cos(z, w_j) or w_j·z), else None (e.g. dismax, average_k)."""
+    head = _inner_head(trainer)
+    if not isinstance(head, ClassCentreHead):
+        return None
+    return "cosine" if head.normalized else "linear"
+
+
+def class_centres(trainer) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(N x d centres, per-class thresholds or None) from the head's full (unsharded) state, or None
+    when the head's scores are not a function of centres. A collective under Partial-FC: every rank."""
+    if score_kind(trainer) is None:
+        return None
+    full = trainer.head.full_state_dict() if hasattr(trainer.head, "full_state_dict") else trainer.head.state_dict()
+    weight = full["weight"].detach().float().cpu().contiguous()
+    head, thresholds = _inner_head(trainer), None
+    if getattr(head, "class_thresholds", None) is not None and "bias" in full:
+        thresholds = (full["bias"].detach().float().cpu() / float(getattr(head, "scale", 1.0))).contiguous()
+    return weight, thresholds
 
 
 def model_card(trainer) -> dict:
     """What evaluation and export need to rebuild the backbone and know its learned threshold,
-    without importing the training code: architecture, options, head, bias b and threshold."""
+    without importing the training code: architecture, options, head, bias b and threshold; and for
+    closed-set evaluation how the head scores its classes (`scores`: cosine | linear | null), the
+    number of classes and the centres file (written beside it by `Checkpointer` when `scores` is set)."""
     m, head = trainer.cfg.model, trainer.head
     bias = getattr(head, "bias", None)
+    kind = score_kind(trainer)
     return {"format": "facebce-model", "arch": m.arch, "embedding_size": m.embedding_size,
             "options": dict(m.options), "head": trainer.cfg.head.name,
             "bias": float(bias.detach()) if bias is not None and bias.numel() == 1 else None,
-            "threshold": head.threshold, "steps": trainer.step, "weights": "backbone.pth"}
+            "threshold": head.threshold, "steps": trainer.step, "weights": "backbone.pth",
+            "scores": kind, "num_classes": int(trainer.num_classes), "centres": CENTRES if kind else None,
+            "class_thresholds": None}
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
