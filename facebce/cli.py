@@ -111,9 +111,10 @@ def _cmd_export(args) -> None:
     metadata = {k: v for k, v in metadata.items() if v is not None}
     report = export_onnx(model, args.out, opset=args.opset, metadata=metadata, parity_images=parity,
                          variants=[v for v in args.variants.split(",") if v])
-    print(f"exported {metadata['backbone']} -> {report.path} (opset {report.opset}, dynamic batch {report.dynamic_batch}"
-          + (f", threshold {metadata['threshold']:.4f} from the {metadata.get('head')} head)" if "threshold" in metadata
-             else ")"))
+    extra = "".join(f", {k} {metadata[k]:.4f}" if isinstance(metadata[k], float) else f", {k} {metadata[k]}"
+                    for k in ("head", "bias", "threshold") if k in metadata)
+    print(f"exported {metadata['backbone']} -> {report.path} (opset {report.opset}, dynamic batch "
+          f"{report.dynamic_batch}{extra})")
     for name, v in report.variants.items():
         print(f"  {name:5} {v.path}: {v.size_bytes / 1e6:.1f} MB, min cosine vs PyTorch {v.min_cosine:.7f} "
               f"over {report.n_parity_images} images, max |diff| {v.max_abs_diff:.2e}")

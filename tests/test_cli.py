@@ -143,7 +143,7 @@ def test_train_then_eval_export_gallery_from_the_run_folder(tmp_path, capsys):
     assert report["threshold"]["value"] == pytest.approx(card["threshold"])
 
     assert main(["export", str(run), str(tmp_path / "m.onnx")]) == 0
-    assert f"threshold {card['threshold']:.4f} from the bce_u_norm head" in capsys.readouterr().out
+    assert f"head bce_u_norm, bias {card['bias']:.4f}, threshold {card['threshold']:.4f})" in capsys.readouterr().out
     g = str(tmp_path / "g.faiss")
     assert main(["gallery", "build", g, str(tmp_path / "s" / "images"), "--model", str(tmp_path / "m.onnx")]) == 0
     assert main(["gallery", "info", g]) == 0
