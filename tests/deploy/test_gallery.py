@@ -269,7 +269,7 @@ LFW_GLOBAL_THRESHOLD = 0.3017
 IMAGENET = Preprocess("rgb", mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))
 
 
-@pytest.mark.slow
+# In the default run on purpose: the real-data reproduction is what the suite must guard.
 def test_open_set_on_lfw_gallery(shared_data):
     """Enrol the first crop of 100 people, probe with their other crops (mated) and every crop of
     the 58 other people (never enrolled), at LFW's global threshold."""
