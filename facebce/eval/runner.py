@@ -369,6 +369,19 @@ class FolderImages:
         return self.first
 
 
+def _folder_reader(protocol: Protocol, root: Path, paths: list[Path]):
+    """(read(indices) -> crops, digest of every file's relative path and bytes: the cache key)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    size = protocol["image_size"]
+
+    def read(index: np.ndarray) -> np.ndarray:
+        return np.stack([_read_crop(str(paths[i]), size, protocol.name) for i in index])
+
+    return read, h.hexdigest()
+
+
 def load_open_set_folder(protocol: Protocol, path: str | os.PathLike) -> FolderImages:
     """Scan ROOT/<identity>/*.jpg and split it with the protocol's settings (images are read only
     when embedded; the digest reads their bytes so a changed folder never hits a stale cache)."""
@@ -381,15 +394,7 @@ def load_open_set_folder(protocol: Protocol, path: str | os.PathLike) -> FolderI
                                     unknown_fraction=protocol["unknown_fraction"], seed=protocol["seed"])
     except ConfigError as e:
         raise ConfigError(f"{protocol.name} ({protocol.source}) on {path}: {e}") from None
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.relative_to(path).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-    size = protocol["image_size"]
-
-    def read(index: np.ndarray) -> np.ndarray:
-        return np.stack([_read_crop(str(paths[i]), size, protocol.name) for i in index])
-
-    return FolderImages(classes, paths, labels, split, read, h.hexdigest())
+    return FolderImages(classes, paths, labels, split, *_folder_reader(protocol, path, paths))
 
 
 def _open_set_result(protocol: Protocol, path: Path, folder: FolderImages, source: EmbeddingSource,
@@ -465,15 +470,7 @@ def load_classification_folder(protocol: Protocol, path: str | os.PathLike) -> L
         rank = np.arange(labels.size) - np.searchsorted(labels, labels, side="left")  # labels are sorted
         keep = np.flatnonzero(rank < protocol["max_per_class"])
         paths, labels = [paths[i] for i in keep], labels[keep]
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.relative_to(path).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-    size = protocol["image_size"]
-
-    def read(index: np.ndarray) -> np.ndarray:
-        return np.stack([_read_crop(str(paths[i]), size, protocol.name) for i in index])
-
-    return LabelledImages(classes, labels, read, h.hexdigest())
+    return LabelledImages(classes, labels, *_folder_reader(protocol, path, paths))
 
 
 def _classification_result(protocol: Protocol, path: Path, images: LabelledImages, classifier,
