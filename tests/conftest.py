@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACEBCE_SHARED", REPO.parent / "shared"))
@@ -27,3 +28,13 @@ def shared_data() -> Path:
 @pytest.fixture
 def shared_spec() -> Path:
     return _need(SHARED_SPEC)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """On a shared, busy CPU, torch's spinning OpenMP threads run ~20x slower than one thread
+    (opt in per module with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

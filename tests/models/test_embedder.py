@@ -60,13 +60,7 @@ def _export(model: torch.nn.Module, path, dynamic: bool = True, batch: int = 1) 
     return str(path)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a shared, busy CPU, torch's spinning OpenMP threads run ~20x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
