@@ -4,6 +4,7 @@ from sklearn.metrics import roc_curve
 
 from facebce.errors import DataFormatError
 from facebce.eval.roc import FAR_TARGETS, Roc, tar_at_far
+from tests.eval.reference_eval_ijbc import tpr_at_fpr_table
 
 G = [.9, .8, .7, .4]
 I = [.85, .6, .5, .3, .2, .1, .05, 0, -.1, -.2]
@@ -26,18 +27,6 @@ def test_metrics_md_worked_example():
     np.testing.assert_allclose(c.threshold, [.7, .9])  # accept iff score >= threshold
 
 
-def _eval_ijbc_reading(label, score, x_labels):
-    """eval_ijbc.py's table, transcribed (insightface recognition/arcface_torch/eval_ijbc.py, MIT)."""
-    fpr, tpr, _ = roc_curve(label, score)
-    fpr = np.flipud(fpr)
-    tpr = np.flipud(tpr)  # select largest tpr at same fpr
-    row = []
-    for fpr_iter in np.arange(len(x_labels)):
-        _, min_index = min(list(zip(abs(fpr - x_labels[fpr_iter]), range(len(fpr)))))
-        row.append(tpr[min_index])
-    return np.array(row)
-
-
 def _random_scores(rng, n_gen, n_imp, decimals=None, dtype=np.float64):
     g, i = rng.normal(1.0, 1.0, n_gen), rng.normal(-1.0, 1.0, n_imp)
     if decimals is not None:
@@ -50,7 +39,7 @@ def _random_scores(rng, n_gen, n_imp, decimals=None, dtype=np.float64):
 def test_insightface_mode_identical_to_eval_ijbc(seed, n_gen, n_imp, decimals):
     g, i = _random_scores(np.random.default_rng(seed), n_gen, n_imp, decimals)
     x_labels = [10 ** -6, 10 ** -5, 10 ** -4, 10 ** -3, 10 ** -2, 10 ** -1]
-    expected = _eval_ijbc_reading(np.r_[np.ones(n_gen), np.zeros(n_imp)], np.r_[g, i], x_labels)
+    expected = tpr_at_fpr_table(np.r_[np.ones(n_gen), np.zeros(n_imp)], np.r_[g, i], x_labels)
     np.testing.assert_array_equal(tar_at_far(g, i, x_labels, mode="insightface").tar, expected)
     # ×100 with 2 decimals, as the script prints its table
     assert [f"{t * 100:.2f}" for t in tar_at_far(g, i, FAR_TARGETS, mode="insightface").tar] == \

@@ -110,35 +110,3 @@ def ref_average_k(z: Tensor, labels: Tensor, params: dict[str, Tensor], k: float
     sig = torch.sigmoid(v)
     bce = -(t * torch.log(sig) + (1 - t) * torch.log(1 - sig)).mean()
     return ce + mu * bce
-
-
-def uniform_threshold(scores: Tensor, labels: Tensor) -> tuple[float, float, tuple[float, float] | None]:
-    """metrics.md §1 t* by the exact endpoint sweep (test-local; the real metric lives in facebce.eval).
-
-    -> (t*, Acc_Uni, best open segment)."""
-    n = scores.shape[0]
-    rows = torch.arange(n)
-    p = scores[rows, labels]
-    others = scores.clone()
-    others[rows, labels] = -float("inf")
-    q = others.max(dim=1).values
-    ok = p > q
-    events = sorted([(float(v), 0) for v in p[ok]] + [(float(v), 1) for v in q[ok]])  # close (0) before open (1)
-    best, count, seg = 0, 0, None
-    for i, (value, kind) in enumerate(events):
-        count += 1 if kind == 1 else -1
-        if i + 1 < len(events) and events[i + 1][0] > value and count > best:
-            best, seg = count, (value, events[i + 1][0])
-    if seg is None:
-        return float("nan"), 0.0, None
-    return (seg[0] + seg[1]) / 2, best / n, seg
-
-
-def uniform_accuracy_at(scores: Tensor, labels: Tensor, t: float) -> float:
-    n = scores.shape[0]
-    rows = torch.arange(n)
-    p = scores[rows, labels]
-    others = scores.clone()
-    others[rows, labels] = -float("inf")
-    q = others.max(dim=1).values
-    return float(((q < t) & (t < p)).double().mean())

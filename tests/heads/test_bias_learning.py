@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from facebce.heads import build_head
-from tests.heads.reference import uniform_accuracy_at, uniform_threshold
+from facebce.eval import uniform_accuracy, uniform_accuracy_curve
 
 N, D, PER_CLASS = 10, 32, 60
 
@@ -26,9 +26,9 @@ def train(name: str, steps: int, lr: float, **cfg):
     def snapshot():
         with torch.no_grad():
             s = head.scores(z)
-        t, acc, _ = uniform_threshold(s, y)
-        return {"threshold": head.threshold, "b": head.bias.item(), "t_star": t, "acc_uni": acc,
-                "acc_at_threshold": uniform_accuracy_at(s, y, head.threshold)}
+        uni = uniform_accuracy(s, y)
+        return {"threshold": head.threshold, "b": head.bias.item(), "t_star": uni.threshold, "acc_uni": uni.accuracy,
+                "acc_at_threshold": float(uniform_accuracy_curve(s, y, [head.threshold])[0])}
 
     before = snapshot()
     for _ in range(steps):

@@ -10,7 +10,7 @@ from facebce.heads import bce_loss, build_head, build_margin, softmax_cross_entr
 from facebce.heads.average_k import average_k_pseudo_labels, average_k_threshold
 from facebce.heads.dismax import fpr_kl, fpr_preprocess, ood_scores
 from facebce.heads.partial_fc import num_sampled, shard_range
-from tests.heads.reference import ref_pseudo_labels, uniform_threshold
+from tests.heads.reference import ref_pseudo_labels
 
 S = torch.tensor([[2.0, 0.5, -1.0]], dtype=torch.float64)
 COS = [0.6, 0.1, -0.2]
@@ -252,9 +252,3 @@ def test_partial_fc_shards_and_sample_count():
     assert [shard_range(10572, 8, r)[1] for r in range(8)] == [1322, 1322, 1322, 1322, 1321, 1321, 1321, 1321]
     assert num_sampled(0.29, 100) == 29  # int(0.29 * 100) would give 28
     assert num_sampled(0.1, 4) == 0 and num_sampled(1.0, 7) == 7
-
-
-def test_uniform_threshold_helper_matches_metrics_example():
-    s = torch.tensor([[.9, .5, .2], [.1, .4, .3], [.2, .6, .8], [.3, .7, .1]], dtype=torch.float64)
-    t, acc, seg = uniform_threshold(s, torch.tensor([0, 1, 2, 0]))
-    assert acc == 0.5 and seg == pytest.approx((0.6, 0.8)) and t == pytest.approx(0.7)

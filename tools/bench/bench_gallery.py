@@ -14,7 +14,6 @@ Usage: python tools/bench/bench_gallery.py [--n 100000] [--dim 512] [--queries 6
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -26,16 +25,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from facebce.deploy import Gallery  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds  # noqa: E402  (tools/bench/timing.py)
 
 
 def numpy_topk(gallery: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

@@ -9,7 +9,6 @@ Usage: python tools/bench/bench_onnx.py [--models r50 mbf] [--batches 1 32] [--r
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -24,16 +23,7 @@ import torch  # noqa: E402
 
 from facebce.deploy import export_onnx  # noqa: E402
 from facebce.models import build_backbone  # noqa: E402
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first-run allocations and kernel selection
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds  # noqa: E402  (tools/bench/timing.py)
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:
