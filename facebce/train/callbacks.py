@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 TRAIN_COLUMNS = ("step", "epoch", "loss", "lr", "samples_per_s", "threshold", "bias")
 VERIFY_FIELDS = ("acc", "acc_std", "best_acc", "best_threshold", "learned_acc", "learned_tar", "learned_far")
+VAL_FIELDS = ("sw_acc", "uni_acc", "t_star", "bias", "bias_gap", "cw_opt_acc", "cw_learned_acc")
 
 
 class Callback:
@@ -182,7 +183,7 @@ class Checkpointer(Callback):
                 if thresholds is not None:
                     ckpt.atomic_save(thresholds, trainer.run_dir / CLASS_THRESHOLDS)
                     card["class_thresholds"] = CLASS_THRESHOLDS
-            _write_json_atomic(trainer.run_dir / MODEL_CARD, card)
+            write_json_atomic(trainer.run_dir / MODEL_CARD, card)
 
 
 MODEL_CARD = "model.json"
@@ -232,7 +233,7 @@ def model_card(trainer) -> dict:
             "class_thresholds": None}
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
+def write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
@@ -260,7 +261,16 @@ class Verification(Callback):
         if trainer.is_main:
             for name, path in self.bins:
                 vs = load_bin(path)
-                self.sets.append((name, np.ascontiguousarray(vs.decode(progress=False)[..., ::-1]), vs.issame))
+                # a .bin stores a repeated image once (LFW: 7701 distinct of 12000): embed each once
+                number: dict[int, int] = {}  # id of a stored image -> its distinct number
+                distinct, inverse = [], np.empty(len(vs.images), np.int64)
+                for i, buf in enumerate(vs.images):
+                    if id(buf) not in number:
+                        number[id(buf)] = len(distinct)
+                        distinct.append(i)
+                    inverse[i] = number[id(buf)]
+                images = vs.decode(progress=False)[distinct][..., ::-1]
+                self.sets.append((name, np.ascontiguousarray(images), inverse, vs.issame))
 
     def on_step_end(self, trainer):
         if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
@@ -280,8 +290,8 @@ class Verification(Callback):
                                  progress=False)
         threshold = trainer.head.threshold
         parts = []
-        for name, images_bgr, issame in self.sets:
-            emb = embedder.embed(images_bgr)
+        for name, images_bgr, inverse, issame in self.sets:
+            emb = embedder.embed(images_bgr)[inverse]
             e1, e2 = emb[0::2], emb[1::2]
             scores = np.sum(e1.astype(np.float64) * e2, axis=1)
             tf = ten_fold(e1, e2, issame)
@@ -298,3 +308,64 @@ class Verification(Callback):
         trainer.say(f"[step {trainer.step}] verification ({time.perf_counter() - start:.1f} s): " + "; ".join(parts))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class ClassificationVal(Callback):
+    """Closed-set val on held-out images of the training identities (`data.val_fraction`), rank 0.
+
+    Embeds them as the head sees a batch (eval mode, no flip, no L2 normalisation), scores them
+    against the current class centres as the head's bias-free `scores()` do, and logs the BCE
+    paper's uniform-classification figures (metrics.md §1): `val/sw_acc`, `val/uni_acc`,
+    `val/t_star`, the learned threshold `val/bias` (b or b/γ) and `val/bias_gap` (= bias − t*), and
+    class-wise accuracy with optimised (`val/cw_opt_acc`) and learned (`val/cw_learned_acc`) thresholds.
+    """
+
+    def __init__(self, val, every_steps: int, batch_size: int = 64):
+        self.val, self.every_steps, self.batch_size = val, every_steps, batch_size
+        self.images: Optional[np.ndarray] = None
+        self.last_step: Optional[int] = None
+        self.result: dict = {}
+
+    def columns(self):
+        return [f"val/{f}" for f in VAL_FIELDS]
+
+    def on_train_start(self, trainer):
+        if trainer.is_main and score_kind(trainer) is None:
+            trainer.say(f"note: data.val_fraction: head {trainer.cfg.head.name!r} scores no class centres; "
+                        "no closed-set val")
+        if trainer.is_main and score_kind(trainer) is not None:
+            self.images = self.val.images_bgr()
+
+    def on_step_end(self, trainer):
+        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
+            self.run(trainer)
+
+    def on_train_end(self, trainer):
+        if self.last_step != trainer.step:
+            self.run(trainer)
+
+    def run(self, trainer) -> None:
+        from facebce.eval.model_loading import class_scores  # facebce.eval's exact head scoring
+        from facebce.eval.runner import uniform_section
+
+        self.last_step = trainer.step
+        centres = class_centres(trainer) if score_kind(trainer) is not None else None  # a collective
+        if not trainer.is_main or centres is None or self.images is None:
+            return
+        start = time.perf_counter()
+        embedder = TorchEmbedder(trainer.backbone, batch_size=self.batch_size, flip=False, normalize=False,
+                                 channels_last=trainer.cfg.channels_last, autocast_dtype=trainer.autocast_dtype,
+                                 progress=False)
+        weight, thresholds = centres
+        scores = class_scores(score_kind(trainer), weight, embedder.embed(self.images))
+        u = uniform_section(scores, self.val.labels, bias=trainer.head.threshold,
+                            class_thresholds=None if thresholds is None else thresholds.double().numpy())
+        r = {"sw_acc": u.sample_wise, "uni_acc": u.uniform.accuracy, "t_star": u.uniform.threshold,
+             "bias": u.bias, "bias_gap": u.gap, "cw_opt_acc": u.class_wise_opt, "cw_learned_acc": u.class_wise_learned}
+        self.result = {k: (None if v is None else float(v)) for k, v in r.items()}
+        trainer.log(**{f"val/{k}": v for k, v in self.result.items() if v is not None})
+        line = (f"[step {trainer.step}] val ({len(self.images)} held-out images, {time.perf_counter() - start:.1f} s): "
+                f"SW {u.sample_wise:.4f}, Uni {u.uniform.accuracy:.4f} at t*={u.uniform.threshold:.3f}")
+        if u.bias is not None:
+            line += f", learned threshold {u.bias:.3f} (bias - t* = {u.gap:+.3f})"
+        trainer.say(line)

@@ -60,6 +60,10 @@ class DataConfig:
     batch_size: int = 128               # per process
     num_workers: int = 2
     cache: bool = False                 # keep decoded samples in memory (small sets: synthetic demo)
+    # closed-set val: per identity this fraction of its images is held out of training (at least one
+    # stays) and scored against the class centres at every verification (SW/Uni accuracy, t*, bias - t*)
+    val_fraction: float = 0.0
+    val_seed: int = 0
 
 
 @dataclass
@@ -295,6 +299,7 @@ def validate(cfg: TrainConfig) -> None:
     _need(d.kind == "synthetic" or bool(d.path), "data.path", f"required for data.kind={d.kind!r}")
     _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+    _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     if d.kind == "synthetic":
         _need(s.identities >= 2, "data.synthetic.identities", f"must be >= 2, got {s.identities}")
         _need(s.images >= 1, "data.synthetic.images", f"must be >= 1, got {s.images}")

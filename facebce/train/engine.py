@@ -37,9 +37,10 @@ from facebce.errors import ConfigError, FacebceError
 from facebce.heads import PartialFC
 from facebce.models import build_backbone
 from facebce.train import checkpoint as ckpt
-from facebce.train.callbacks import Callback, Checkpointer, MetricsLogger, ProgressBar, Verification
+from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, MetricsLogger, ProgressBar,
+                                     Verification, write_json_atomic)
 from facebce.train.config import TrainConfig, load_config, save_config
-from facebce.train.loader import SeededSamples, ShardedBatchSampler, batches_per_epoch, build_train_dataset
+from facebce.train.loader import SeededSamples, ShardedBatchSampler, batches_per_epoch, build_datasets
 
 
 class TrainingDiverged(FacebceError):
@@ -55,6 +56,16 @@ class TrainResult:
     checkpoint: Optional[Path]         # the last checkpoint written (rank 0)
     verification: dict = field(default_factory=dict)  # {set name: {acc, acc_std, best_acc, ...}} at the end
     seconds: float = 0.0
+    val: dict = field(default_factory=dict)  # closed-set val at the end (data.val_fraction): sw_acc, uni_acc, t_star, ...
+
+    def to_json(self) -> dict:
+        """What `results.json` in the run folder holds (NaN as null)."""
+        def clean(v):
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            return None if isinstance(v, float) and not math.isfinite(v) else v
+        return clean({"steps": self.steps, "loss": float(self.loss), "threshold": self.threshold,
+                      "seconds": round(self.seconds, 1), "verification": self.verification, "val": self.val})
 
 
 def train_from_recipe(path: Union[str, os.PathLike], overrides: Sequence[str] = (), resume: bool = False,
@@ -141,7 +152,7 @@ class Trainer:
 
         # data
         seed_everything(cfg.seed)
-        self.dataset = build_train_dataset(cfg.data)
+        self.dataset, self.val_dataset = build_datasets(cfg.data)
         self.num_classes = int(self.dataset.num_classes)
         self.samples = SeededSamples(self.dataset, cfg.seed)
         b, w, accum = cfg.data.batch_size, self.world_size, cfg.optim.grad_accum
@@ -215,6 +226,10 @@ class Trainer:
                                          cfg.verification.batch_size)
         self.checkpointer = Checkpointer(self.ckpt_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep)
         extra = list(callbacks)
+        self.val = None
+        if self.val_dataset is not None and len(self.val_dataset):
+            self.val = ClassificationVal(self.val_dataset, cfg.verification.every_steps, cfg.verification.batch_size)
+            extra.insert(0, self.val)
         columns = [c for cb in [self.verification, *extra] for c in cb.columns()]
         self.metrics = MetricsLogger(self.run_dir, columns, cfg.log.tensorboard)
         self.callbacks = [self.progress, self.verification, *extra, self.checkpointer, self.metrics]
@@ -246,9 +261,13 @@ class Trainer:
         self._call("on_train_end")
         if self.world_size > 1:
             dist.barrier()
-        return TrainResult(run_dir=self.run_dir, steps=self.step, loss=self.last_record.get("loss", math.nan),
-                           threshold=self.head.threshold, checkpoint=self.checkpointer.last_path,
-                           verification=dict(self.verification.results), seconds=time.perf_counter() - start)
+        result = TrainResult(run_dir=self.run_dir, steps=self.step, loss=self.last_record.get("loss", math.nan),
+                             threshold=self.head.threshold, checkpoint=self.checkpointer.last_path,
+                             verification=dict(self.verification.results), seconds=time.perf_counter() - start,
+                             val=dict(self.val.result) if self.val is not None else {})
+        if self.is_main:
+            write_json_atomic(self.run_dir / "results.json", result.to_json())
+        return result
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, frozen: bool, sync: bool) -> None:
         images = images.to(self.device, non_blocking=True)
