@@ -57,6 +57,7 @@ class ImageFolderDataset(Dataset):
         self.num_classes = len(self.classes)
         self.image_size = tuple(image_size)
         self.transform = transform or (train_transform if train else eval_transform)
+        self._own_transform = transform is None  # ours take RGB views of the decoded BGR buffer
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -67,5 +68,6 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         data, label = self.raw(i)
-        img = decode_image(data, where=str(self.paths[i]), size=self.image_size)
+        img = decode_image(data, where=str(self.paths[i]), size=self.image_size,
+                           contiguous=not self._own_transform)
         return self.transform(img), label

@@ -50,6 +50,7 @@ class RecDataset(Dataset):
         self.num_classes, self.image_size = read_property(self.rec_path.parent / "property")
         self._reader = IndexedRecordReader(self.rec_path, self.rec_path.with_suffix(".idx"))
         self.transform = transform or (train_transform if train else eval_transform)
+        self._own_transform = transform is None  # ours take RGB views of the decoded BGR buffer
         self.keys, labels = self._index()
         self.labels = self._checked_labels(labels)
 
@@ -62,7 +63,8 @@ class RecDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         key = int(self.keys[i])
-        img = decode_image(self._image_bytes(key), where=self._reader.where(key), size=self.image_size)
+        img = decode_image(self._image_bytes(key), where=self._reader.where(key), size=self.image_size,
+                           contiguous=not self._own_transform)
         return self.transform(img), int(self.labels[i])
 
     def _record(self, key: int) -> tuple[IRHeader, float | np.ndarray, bytes]:

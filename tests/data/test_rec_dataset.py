@@ -219,3 +219,18 @@ def test_real_pack_through_dataloader_workers(shared_data):
     parallel = [x for x, _ in DataLoader(subset, batch_size=16, num_workers=2)]
     assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(serial) == 3
     assert IndexedRecordReader(ds.rec_path, ds.rec_path.with_suffix(".idx")).read(1)[24:] == ds.raw(0)[0]
+
+
+def test_fast_transform_is_bit_identical_to_the_plain_pipeline():
+    """decode to an RGB view + flip view + one-pass to_tensor == cvtColor copy + (x - 127.5) / 127.5."""
+    import cv2
+    from facebce.data.transforms import decode_image, to_tensor
+
+    rng = np.random.default_rng(0)
+    blob = cv2.imencode(".jpg", rng.integers(0, 255, (112, 112, 3), dtype=np.uint8))[1].tobytes()
+    view = decode_image(blob, where="x", contiguous=False)
+    rgb = decode_image(blob, where="x")
+    assert not view.flags.c_contiguous and np.array_equal(view, rgb)
+    for img in (view, view[:, ::-1]):
+        plain = (np.ascontiguousarray(img).transpose(2, 0, 1).astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
+        assert torch.equal(to_tensor(img), torch.from_numpy(plain))
