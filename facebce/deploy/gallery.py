@@ -20,6 +20,7 @@ import json
 import math
 import numbers
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,13 @@ GALLERY_VERSION = 1
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 MODES = ("all", "mean")  # every image is an entry / one mean template per identity
 _METRIC = "inner_product"
+# FAISS scans a flat index query by query (SIMD) until nq * d reaches its process-wide
+# distance_compute_blas_threshold (128000 in faiss >= 1.15, tuned for many-core servers: at d=512 a
+# batch under 250 probes never reaches BLAS). On a few cores one BLAS product over the gallery wins
+# from about 8 probes on (tools/bench: 64 probes x 100k gallery, 6.5x), so flat searches of
+# `_BLAS_MIN_QUERIES` or more probes lower it for the call; a lock guards the global.
+_BLAS_MIN_QUERIES = 8
+_BLAS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -301,7 +309,16 @@ class Gallery:
     def _knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if not self._entries:
             raise FacebceError("search: the gallery is empty; add embeddings first")
-        return self._searcher().search(queries, min(k, len(self)))
+        searcher, k = self._searcher(), min(k, len(self))
+        if self.index_type != "flat" or self._gpu_index is not None or len(queries) < _BLAS_MIN_QUERIES:
+            return searcher.search(queries, k)
+        with _BLAS_LOCK:
+            saved = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = min(saved, _BLAS_MIN_QUERIES * self.dim)
+            try:
+                return searcher.search(queries, k)
+            finally:
+                faiss.cvar.distance_compute_blas_threshold = saved
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -144,6 +144,25 @@ def test_flat_recall_is_exact(enrolled):
     assert recall_against_exact(g, x[:20], k=10) == 1.0
 
 
+def test_batched_flat_search_takes_blas_and_restores_faiss_global(enrolled):
+    """A batch of >= 8 probes is searched through FAISS's BLAS path: same top-k as one probe at a time
+    (and as numpy), and FAISS's process-wide threshold is left as it was."""
+    import faiss
+
+    x, names, _ = enrolled
+    g = Gallery(DIM, threshold=0.5)
+    g.add(x, names)
+    before = faiss.cvar.distance_compute_blas_threshold
+    batch = g.search(x[:40], k=5)
+    assert faiss.cvar.distance_compute_blas_threshold == before
+    singles = [g.search(x[i:i + 1], k=5)[0] for i in range(40)]
+    exact = np.argsort(-(x[:40] @ x.T), axis=1, kind="stable")[:, :5]
+    for b, s, e in zip(batch, singles, exact):
+        assert [m.id for m in b.matches] == [m.id for m in s.matches] == e.tolist()
+        assert b.identity == s.identity
+        np.testing.assert_allclose([m.score for m in b.matches], [m.score for m in s.matches], atol=1e-5)
+
+
 # ---- atomic saves -----------------------------------------------------------------------------------
 def _crash_on_replace(monkeypatch, call: int):
     """Make the `call`-th os.replace (1-based) raise, as if the process died there."""
