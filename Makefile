@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.facebce-installed
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install test test-slow demo bench clean
 
@@ -26,6 +27,11 @@ test-slow: install
 
 demo: install
 	$(BIN)/python tools/demo.py --out $(DEMO)
+
+# every benchmark beside its same-run baseline, one table (runs/bench/bench.md + bench.json); ~15 min on 2 cores.
+# BENCH_ARGS="--only data gallery" or "--quick" (a smoke run) to narrow it.
+bench: install
+	$(BIN)/python tools/bench/suite.py --out runs/bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(DEMO) build *.egg-info .pytest_cache

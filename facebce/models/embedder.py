@@ -29,7 +29,7 @@ from tqdm import tqdm
 from facebce.errors import DataFormatError, ModelError
 
 __all__ = ["META_COLOR", "META_MEAN", "META_STD", "META_THRESHOLD", "OnnxEmbedder", "Preprocess",
-           "TorchEmbedder", "default_providers", "insightface_preprocess"]
+           "TorchEmbedder", "default_providers", "insightface_preprocess", "ort_session_options"]
 
 # facebce's ONNX metadata_props keys read here (export.py writes them and a few more).
 META_MEAN = "input_mean"
@@ -215,6 +215,17 @@ class _Embedder:
         return emb / norms if self.normalize else emb
 
 
+def ort_session_options(intra_op_threads: int | None = None) -> "ort.SessionOptions":
+    """The onnxruntime session settings facebce runs recognition models with (OnnxEmbedder, the
+    benchmarks): every graph optimisation (conv+BN+PReLU fusion, the NCHWc layout on x86) and
+    `intra_op_threads` CPU threads (None: onnxruntime's default, one per core)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = int(intra_op_threads)
+    return options
+
+
 class OnnxEmbedder(_Embedder):
     """Runs a recognition ONNX model (facebce export, arcface_torch, or any NCHW 3 x S x S model) with onnxruntime.
 
@@ -230,9 +241,7 @@ class OnnxEmbedder(_Embedder):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ModelError(f"{path}: no such ONNX file")
-        options = ort.SessionOptions()
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = int(intra_op_threads)
+        options = ort_session_options(intra_op_threads)
         try:
             self._session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types

@@ -1,0 +1,493 @@
+#!/usr/bin/env python3
+"""facebce's benchmark suite (`make bench`): every figure beside a baseline measured in the same run.
+
+One table (and `bench.json` + `bench.md` in --out): area, figure, facebce's number, the baseline's
+number on the same inputs in the same process, the ratio (facebce / baseline, higher is better;
+for memory, baseline / facebce) and the target. Every timing is the median of --repeats runs after
+a warm-up. Areas (--only picks some):
+
+  data     the trainer's input pipeline (.rec read + decode + flip + normalise + batching, through
+           the DataLoader with 0 and 2 workers) vs a bare cv2.imdecode loop over the same records'
+           bytes with as many threads (the decode limit).
+  train    r50 / mbf + bce_u_norm forward + backward + SGD step at batch 32 on the CPU: facebce's
+           engine (Trainer, with its channels_last + bf16 settings) vs a plain fp32 eager loop over
+           the same modules in NCHW, as arcface_torch runs them; the bf16 step's loss and backbone
+           gradient against fp32 (numerics unchanged?); Partial-FC at 1M classes, r = 0.1, vs the
+           full head (step time and peak memory, each in its own process).
+  eval     LFW-sized 10-fold (6000 pairs) vs insightface's fixed-grid loops (verification.py
+           transcribed: thresholds 0..4 step 0.01 per fold, VAL on 0..4 step 0.001), same numbers
+           required; IJB-C-sized 1:1 scoring (469,375 images, 23,124 templates, 15.7M pairs,
+           synthetic features) vs a plain numpy transcription of eval_ijbc.py, same TAR@FAR required.
+  onnx     onnxruntime (facebce's export, facebce's session settings) vs torch eager, r50 and mbf,
+           batch 1 and 32, images/s.
+  gallery  FAISS flat search through facebce's Gallery at 100k and 1M x 512 vs numpy brute force,
+           1 query and 64-query batches; one query's gallery scan in GB/s as a fraction of the
+           memory bandwidth of a large numpy copy measured in the same run (the roofline).
+
+    python tools/bench/suite.py [--only data train eval onnx gallery] [--quick] [--out runs/bench]
+
+`--quick` shrinks every size (a smoke run in about a minute; its numbers are not the figures).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path[:0] = [str(REPO), str(HERE)]  # run from a checkout without installing; tools/bench helpers
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(os.environ.get("FACEBCE_SHARED", REPO.parent / "shared"))
+AREAS = ("data", "train", "eval", "onnx", "gallery")
+
+
+@dataclass
+class Row:
+    area: str
+    figure: str
+    facebce: float
+    baseline: float | None
+    unit: str
+    ratio: float | None
+    target: float | None = None  # the ratio to reach
+    baseline_name: str = ""
+    note: str = ""
+
+    @property
+    def meets(self) -> str:
+        if self.target is None or self.ratio is None:
+            return ""
+        return "yes" if self.ratio >= self.target else "no"
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+# ------------------------------------------------------------------------------------------ data
+def bench_data(args) -> list[Row]:
+    import cv2
+    from torch.utils.data import DataLoader
+
+    from facebce.data.rec_dataset import RecDataset
+    from facebce.train.loader import SeededSamples, ShardedBatchSampler
+
+    rec = SHARED / "data" / "celeba299" / "rec"
+    tmp = None
+    if not (rec / "train.rec").is_file() or args.quick:
+        tmp = tempfile.TemporaryDirectory()
+        rec = _synthetic_rec(Path(tmp.name), identities=20 if args.quick else 200, images=10)
+    torch.set_num_threads(1)
+    ds = RecDataset(rec, train=True)
+    blobs = [ds.raw(i)[0] for i in range(len(ds))]
+    say(f"[data] {rec}: {len(ds)} images, batch {args.batch}")
+
+    def decode(chunk):
+        for b in chunk:
+            cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_COLOR)
+
+    def decode_limit(threads: int) -> float:
+        chunks = [blobs[k::threads] for k in range(threads)]
+        with ThreadPoolExecutor(threads) as pool:  # cv2 releases the GIL while it decodes
+            t = median_seconds(lambda: list(pool.map(decode, chunks)), args.repeats)
+        return len(blobs) / t
+
+    def pipeline(workers: int) -> float:
+        samples = SeededSamples(ds, seed=0)
+
+        def one_epoch():
+            sampler = ShardedBatchSampler(len(ds), args.batch, seed=0, epoch=0)
+            loader = DataLoader(samples, batch_sampler=sampler, num_workers=workers, persistent_workers=False)
+            return sum(len(y) for _, y in loader)
+        n = (len(ds) // args.batch) * args.batch
+        return n / median_seconds(one_epoch, args.repeats)
+
+    rows = []
+    for workers, threads in ((0, 1), (2, 2)):
+        limit = decode_limit(threads)
+        rate = pipeline(workers)
+        rows.append(Row("data", f"trainer pipeline, {workers} workers", rate, limit, "img/s", rate / limit, 0.9,
+                        f"cv2.imdecode loop, {threads} thread{'s' if threads > 1 else ''}"))
+        say(f"  {workers} workers: {rate:.0f} img/s vs decode limit {limit:.0f} ({rate / limit:.2f}x)")
+    if tmp is not None:
+        tmp.cleanup()
+    return rows
+
+
+def _synthetic_rec(folder: Path, identities: int, images: int) -> Path:
+    """A small .rec of synthetic faces (`facebce data synth --rec`) when ../shared is absent."""
+    from facebce.data.tools import synthesize
+
+    synthesize(folder, identities=identities, images=images, rec=True)
+    return folder / "rec"
+
+
+# ----------------------------------------------------------------------------------------- train
+def bench_train(args) -> list[Row]:
+    rows = []
+    for arch in args.archs:
+        rows += _train_step(arch, args)
+    rows += _partial_fc(args)
+    return rows
+
+
+def _trainer(arch: str, classes: int, batch: int, run_dir: str, **overrides):
+    from facebce.train import Trainer, load_config
+
+    cfg = load_config(data={
+        "data": {"kind": "synthetic", "synthetic": {"identities": classes, "images": 1}, "batch_size": batch,
+                 "num_workers": 0},
+        "model": {"arch": arch}, "head": {"name": "bce_u_norm", "scale": 64}, "steps": 1000,
+        "checkpoint": {"dir": run_dir, "every_steps": 0}, "log": {"progress": False, "tensorboard": False},
+        **overrides})
+    return Trainer(cfg)
+
+
+def _train_step(arch: str, args) -> list[Row]:
+    import torch.nn.functional as F  # noqa: F401
+
+    from facebce.heads import build_head
+    from facebce.models import build_backbone
+
+    torch.set_num_threads(args.threads)
+    b, classes = args.train_batch, 1000
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(b, 3, 112, 112, generator=g) * 2 - 1
+    y = torch.randint(0, classes, (b,), generator=g)
+    steps = 2 if args.quick else args.repeats
+
+    # the baseline: arcface_torch's loop, fp32 eager NCHW, same modules, grad clip 5, SGD momentum
+    torch.manual_seed(0)
+    backbone = build_backbone(arch)
+    head = build_head("bce_u_norm", 512, classes, scale=64)
+    params = list(backbone.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+
+    def plain_step():
+        out = head(backbone(x), y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
+        opt.step()
+    backbone.train()
+    t_plain = median_seconds(plain_step, steps)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = [("channels_last + bf16", {"channels_last": True, "amp": "bf16"})]
+        if args.compile:
+            settings.append(("channels_last + bf16 + compile", {"channels_last": True, "amp": "bf16", "compile": True}))
+        for label, over in settings:
+            tr = _trainer(arch, classes, b, str(Path(tmp) / label.replace(" ", "")), **over)
+
+            def engine_step():
+                tr.optimizer.zero_grad(set_to_none=True)
+                tr._forward_backward(x, y, False, True)
+                tr._optimizer_step(False)
+            tr.model.train()
+            t = median_seconds(engine_step, steps, warmup=3 if over.get("compile") else 1)
+            rows.append(Row("train", f"{arch} + bce_u_norm step, batch {b}, {label}", b / t, b / t_plain,
+                            "samples/s", t_plain / t, 2.5, "plain fp32 eager NCHW loop"))
+            say(f"[train] {arch} {label}: {b / t:.2f} samples/s vs plain fp32 {b / t_plain:.2f} "
+                f"({t_plain / t:.2f}x)")
+        rows.append(_numerics(arch, x, y, classes))
+    return rows
+
+
+def _numerics(arch, x, y, classes) -> Row:
+    """One step's loss and backbone gradient, bf16 + channels_last vs fp32 NCHW, from the same weights."""
+    from facebce.heads import build_head
+    from facebce.models import build_backbone
+
+    torch.manual_seed(1)
+    ref = build_backbone(arch).train()
+    head = build_head("bce_u_norm", 512, classes, scale=64)
+    fast = build_backbone(arch).train()
+    fast.load_state_dict(ref.state_dict())
+    fast = fast.to(memory_format=torch.channels_last)
+    head_state = {k: v.clone() for k, v in head.state_dict().items()}
+
+    def grads(model, autocast, cl):
+        head.load_state_dict(head_state)
+        model.zero_grad(set_to_none=True)
+        inp = x.contiguous(memory_format=torch.channels_last) if cl else x
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx:
+            out = head(model(inp), y)
+        out.loss.backward()
+        return float(out.loss), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+    l32, g32 = grads(ref, False, False)
+    l16, g16 = grads(fast, True, True)
+    cos = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
+    say(f"[train] {arch} numerics: loss fp32 {l32:.4f} vs bf16+CL {l16:.4f}; backbone gradient cosine {cos:.5f}")
+    return Row("train", f"{arch} bf16 + channels_last: backbone gradient cosine vs fp32", cos, None, "cosine",
+               None, None, "", f"loss {l16:.4f} vs fp32 {l32:.4f}")
+
+
+_PFC_CHILD = r"""
+import json, resource, sys, time, statistics, torch
+sys.path.insert(0, sys.argv[1])
+from facebce.heads import PartialFC
+classes, rate, batch, repeats, threads = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+head = PartialFC({"name": "bce_u_norm", "scale": 64}, 512, classes, rate)
+opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+emb = torch.randn(batch, 512, requires_grad=True)
+y = torch.randint(0, classes, (batch,))
+def step():
+    out = head(emb, y)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    opt.step()
+step()
+times = []
+for _ in range(repeats):
+    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+print(json.dumps({"seconds": statistics.median(times), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def _partial_fc(args) -> list[Row]:
+    classes = 20_000 if args.quick else args.pfc_classes
+    res = {}
+    for rate in (1.0, 0.1):
+        out = subprocess.run([sys.executable, "-c", _PFC_CHILD, str(REPO), str(classes), str(rate), str(args.train_batch),
+                              str(2 if args.quick else args.repeats), str(args.threads)],
+                             capture_output=True, text=True, check=True)
+        res[rate] = json.loads(out.stdout.strip().splitlines()[-1])
+    full, pfc = res[1.0], res[0.1]
+    say(f"[train] Partial-FC {classes:,} classes, batch {args.train_batch}: r=0.1 {pfc['seconds'] * 1e3:.0f} ms "
+        f"({pfc['peak_rss'] / 2**30:.2f} GiB peak) vs full head {full['seconds'] * 1e3:.0f} ms "
+        f"({full['peak_rss'] / 2**30:.2f} GiB)")
+    return [Row("train", f"Partial-FC r=0.1 head step, {classes:,} classes", 1 / pfc["seconds"], 1 / full["seconds"],
+                "steps/s", full["seconds"] / pfc["seconds"], None, "full head (r=1)"),
+            Row("train", f"Partial-FC r=0.1 peak memory, {classes:,} classes", pfc["peak_rss"] / 2**30,
+                full["peak_rss"] / 2**30, "GiB", full["peak_rss"] / pfc["peak_rss"], None, "full head (r=1)",
+                "ratio = full / Partial-FC")]
+
+
+# ------------------------------------------------------------------------------------------ eval
+def bench_eval(args) -> list[Row]:
+    from facebce.eval.tenfold import ten_fold_from_distances
+    from tests.eval import reference_insightface as ref
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    issame = np.tile(np.r_[np.ones(300, bool), np.zeros(300, bool)], n // 600)
+    e1 = rng.standard_normal((n, 512)).astype(np.float32)
+    e2 = np.where(issame[:, None], e1, 0) + rng.standard_normal((n, 512)).astype(np.float32) * 1.2
+    e1 /= np.linalg.norm(e1, axis=1, keepdims=True)
+    e2 /= np.linalg.norm(e2, axis=1, keepdims=True)
+    dist = np.sum((e1 - e2).astype(np.float64) ** 2, axis=1)
+    mine = ten_fold_from_distances(dist, issame)
+    theirs = ref.evaluate_distances(dist, issame)
+    same = bool(np.isclose(mine.accuracy, np.mean(theirs[2]), rtol=0, atol=1e-12)
+                and np.isclose(mine.val, theirs[4], rtol=0, atol=1e-12))
+    t_mine = median_seconds(lambda: ten_fold_from_distances(dist, issame), max(args.repeats, 5))
+    t_ref = median_seconds(lambda: ref.evaluate_distances(dist, issame), 1 if args.quick else args.repeats)
+    say(f"[eval] LFW 10-fold, 6000 pairs: {t_mine * 1e3:.1f} ms vs insightface loops {t_ref * 1e3:.0f} ms; "
+        f"accuracy {mine.accuracy:.4f} vs {np.mean(theirs[2]):.4f}, VAL {mine.val:.4f} vs {theirs[4]:.4f}")
+    rows = [Row("eval", "LFW 10-fold + VAL@FAR, 6000 pairs", 1 / t_mine, 1 / t_ref, "evals/s", t_ref / t_mine, 10,
+                "insightface verification.py loops", "identical accuracy and VAL" if same else "METRICS DIFFER")]
+
+    import bench_ijb
+
+    sizes = dict(images=469_375, templates=23_124, pairs=15_658_489, genuine=19_557, subjects=3_531)
+    if args.quick:
+        sizes = dict(images=20_000, templates=1_000, pairs=200_000, genuine=2_000, subjects=150)
+    ns = argparse.Namespace(dim=512, signal=0.1, seed=0, **sizes)
+    d = bench_ijb.synthetic_ijb(ns)
+    times_a, tar_a, s_a = bench_ijb.run_facebce(d)
+    times_b, tar_b, s_b = bench_ijb.run_plain(d)
+    del d
+    t_a, t_b = sum(times_a.values()), sum(times_b.values())
+    same = bool(np.array_equal(tar_a, tar_b))
+    say(f"[eval] IJB-C-sized 1:1 ({sizes['templates']:,} templates, {sizes['pairs']:,} pairs): facebce {t_a:.1f} s "
+        f"vs plain eval_ijbc.py {t_b:.1f} s; identical TAR@FAR: {same}; max |score diff| {np.max(np.abs(s_a - s_b)):.1e}")
+    rows.append(Row("eval", f"IJB-C-sized 1:1 scoring ({sizes['pairs'] / 1e6:.1f}M pairs)", 1 / t_a, 1 / t_b, "runs/s",
+                    t_b / t_a, 3, "plain numpy eval_ijbc.py", ("identical TAR@FAR" if same else "TAR@FAR DIFFER")
+                    + f"; {t_a:.1f} s vs {t_b:.1f} s"))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ onnx
+def bench_onnx(args) -> list[Row]:
+    from facebce.deploy import export_onnx
+    from facebce.models import build_backbone
+    from facebce.models.embedder import ort_session_options
+
+    import onnxruntime as ort
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs:
+            torch.manual_seed(0)
+            model = build_backbone(arch).eval()
+            path = Path(tmp) / f"{arch}.onnx"
+            export_onnx(model, path, check=False)
+            session = ort.InferenceSession(str(path), ort_session_options(args.threads),
+                                           providers=["CPUExecutionProvider"])
+            for batch in ([1, 4] if args.quick else args.onnx_batches):
+                x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, 112, 112)).astype(np.float32)
+                xt = torch.from_numpy(x)
+                with torch.inference_mode():
+                    t_torch = median_seconds(lambda: model(xt), args.repeats)
+                t_ort = median_seconds(lambda: session.run(None, {"data": x}), args.repeats)
+                rows.append(Row("onnx", f"{arch} batch {batch}, onnxruntime", batch / t_ort, batch / t_torch, "img/s",
+                                t_torch / t_ort, 1.5, "torch eager fp32"))
+                say(f"[onnx] {arch} batch {batch}: ort {batch / t_ort:.1f} img/s vs torch eager {batch / t_torch:.1f} "
+                    f"({t_torch / t_ort:.2f}x)")
+    return rows
+
+
+# --------------------------------------------------------------------------------------- gallery
+def bench_gallery(args) -> list[Row]:
+    import faiss
+
+    import bench_gallery as bg
+    from facebce.deploy import Gallery
+
+    faiss.omp_set_num_threads(args.threads)
+    rows = []
+    dst = np.empty(1 << 29 if not args.quick else 1 << 26, np.uint8)
+    src = np.ones_like(dst)
+    t_copy = median_seconds(lambda: np.copyto(dst, src), args.repeats)
+    copy_gbs = 2 * dst.nbytes / t_copy / 1e9
+    del dst, src
+    say(f"[gallery] roofline: numpy copy moves {copy_gbs:.1f} GB/s (read + write), faiss {faiss.__version__}")
+    sizes = [20_000] if args.quick else args.gallery_sizes
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((args.queries, 512), dtype=np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for n in sizes:
+        data = rng.standard_normal((n, 512), dtype=np.float32)
+        data /= np.linalg.norm(data, axis=1, keepdims=True)
+        gallery = Gallery(512, threshold=0.3)
+        for s in range(0, n, 100_000):
+            gallery.add(data[s:s + 100_000], ["x"] * len(data[s:s + 100_000]))
+        one = queries[:1]
+        t1 = median_seconds(lambda: gallery.search(one, 5), args.repeats)
+        n1 = median_seconds(lambda: bg.numpy_topk(data, one, 5), args.repeats)
+        tb = median_seconds(lambda: gallery.search(queries, 5), args.repeats)
+        nb = median_seconds(lambda: bg.numpy_topk(data, queries, 5), args.repeats)
+        scan = data.nbytes / t1 / 1e9
+        agree = float(np.mean(np.array([[m.id for m in r.matches] for r in gallery.search(queries, 5)])
+                              == bg.numpy_topk(data, queries, 5)))
+        label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
+        rows += [
+            Row("gallery", f"flat {label} x 512, 1 query", 1 / t1, 1 / n1, "queries/s", n1 / t1, None, "numpy brute force"),
+            Row("gallery", f"flat {label} x 512, 1 query: scan vs memory bandwidth", scan, copy_gbs, "GB/s",
+                scan / copy_gbs, 0.70, "numpy copy (read + write)"),
+            Row("gallery", f"flat {label} x 512, {args.queries}-query batch", args.queries / tb, args.queries / nb,
+                "queries/s", nb / tb, None, "numpy brute force", f"top-5 ids agree {agree:.1%}"),
+        ]
+        say(f"[gallery] {label}: 1 query {1 / t1:.1f} q/s ({scan:.1f} GB/s, {scan / copy_gbs:.0%} of copy) vs numpy "
+            f"{1 / n1:.1f}; batch of {args.queries}: {args.queries / tb:.0f} q/s vs numpy {args.queries / nb:.0f}")
+        del gallery, data
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ main
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def table(rows: list[Row]) -> str:
+    def num(v):
+        if v is None:
+            return "—"
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    out = ["| area | figure | facebce | baseline | unit | ratio | target | meets | baseline is / note |",
+           "|---|---|---:|---:|---|---:|---:|---|---|"]
+    for r in rows:
+        ratio = "—" if r.ratio is None else f"{r.ratio:.2f}x"
+        target = "—" if r.target is None else (f"≥ {r.target:.0%}" if r.unit == "GB/s" else f"≥ {r.target:g}x")
+        why = "; ".join(x for x in (r.baseline_name, r.note) if x)
+        out.append(f"| {r.area} | {r.figure} | {num(r.facebce)} | {num(r.baseline)} | {r.unit} | {ratio} | {target} "
+                   f"| {r.meets} | {why} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", nargs="+", choices=AREAS, default=list(AREAS))
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the figures")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch/ORT/FAISS threads (default: all cores)")
+    ap.add_argument("--batch", type=int, default=128, help="data: batch size")
+    ap.add_argument("--train-batch", type=int, default=32)
+    ap.add_argument("--archs", nargs="+", default=["r50", "mbf"])
+    ap.add_argument("--compile", action="store_true", help="train: also time torch.compile (minutes of compiling)")
+    ap.add_argument("--pfc-classes", type=int, default=1_000_000)
+    ap.add_argument("--onnx-batches", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--gallery-sizes", nargs="+", type=int, default=[100_000, 1_000_000])
+    ap.add_argument("--queries", type=int, default=64)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.archs = ["mbf"]
+        args.repeats = 1
+    start = time.perf_counter()
+    info = machine()
+    say(f"facebce bench on {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
+        f"{'CUDA ' + info['cuda'] if info['cuda'] else 'no GPU'}; median of {args.repeats}")
+    rows: list[Row] = []
+    for area in AREAS:
+        if area in args.only:
+            t = time.perf_counter()
+            rows += globals()[f"bench_{area}"](args)
+            say(f"  ({area}: {time.perf_counter() - t:.0f} s)")
+    md = table(rows)
+    total = time.perf_counter() - start
+    say("\n" + md + f"\n\n{len(rows)} figures in {total:.0f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"machine": info, "seconds": round(total, 1), "quick": args.quick, "repeats": args.repeats,
+           "rows": [asdict(r) | {"meets": r.meets} for r in rows]}
+    for name, text in (("bench.json", json.dumps(doc, indent=2) + "\n"),
+                       ("bench.md", f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
+                                    f"{info['date']}; median of {args.repeats}.\n\n{md}\n")):
+        tmp = args.out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, args.out / name)
+    say(f"wrote {args.out / 'bench.json'} and {args.out / 'bench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
