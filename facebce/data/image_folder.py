@@ -66,8 +66,13 @@ class ImageFolderDataset(Dataset):
         """The file's bytes, undecoded, and its label."""
         return self.paths[i].read_bytes(), int(self.labels[i])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def decoded(self, i: int) -> tuple[np.ndarray, int]:
+        """(the decoded RGB uint8 image, label) before the transform (a view when the transform is ours)."""
         data, label = self.raw(i)
         img = decode_image(data, where=str(self.paths[i]), size=self.image_size,
                            contiguous=not self._own_transform)
+        return img, label
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img, label = self.decoded(i)
         return self.transform(img), label

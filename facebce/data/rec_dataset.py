@@ -61,14 +61,20 @@ class RecDataset(Dataset):
         """The record's image bytes, undecoded, and its label."""
         return self._image_bytes(int(self.keys[i])), int(self.labels[i])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def decoded(self, i: int) -> tuple[np.ndarray, int]:
+        """(the decoded RGB uint8 image, label) before the transform; a view of OpenCV's BGR buffer
+        when the transform is facebce's own (which reads views), else a contiguous array."""
         key = int(self.keys[i])
-        img = decode_image(self._image_bytes(key), where=self._reader.where(key), size=self.image_size,
+        img = decode_image(self._image_bytes(key), where=self._reader.place(key), size=self.image_size,
                            contiguous=not self._own_transform)
-        return self.transform(img), int(self.labels[i])
+        return img, int(self.labels[i])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img, label = self.decoded(i)
+        return self.transform(img), label
 
     def _record(self, key: int) -> tuple[IRHeader, float | np.ndarray, bytes]:
-        return unpack_image_record(self._reader.read(key), where=self._reader.where(key))
+        return unpack_image_record(self._reader.read(key), where=self._reader.place(key))
 
     def _image_bytes(self, key: int) -> bytes:
         return self._record(key)[2]

@@ -104,10 +104,10 @@ def frame_record(payload: bytes) -> bytes:
     return b"".join(_chunk(f, payload[s:e]) for f, s, e in zip(flags, starts, ends))
 
 
-def _read_exact(fh: BinaryIO, n: int, where: str, what: str) -> bytes:
+def _read_exact(fh: BinaryIO, n: int, where: str, what: str, pos: int) -> bytes:
     data = fh.read(n)
     if len(data) != n:
-        raise DataFormatError(f"{where}: truncated file: {what} needs {n} bytes, only {len(data)} left")
+        raise DataFormatError(f"{where}: truncated file: {what} at offset {pos} needs {n} bytes, only {len(data)} left")
     return data
 
 
@@ -121,7 +121,7 @@ def read_framed_record(fh: BinaryIO, offset: int, where: str) -> bytes:
     parts: list[bytes] = []
     while True:
         pos = fh.tell()
-        magic, lrec = _CHUNK_HEAD.unpack(_read_exact(fh, 8, where, f"chunk header at offset {pos}"))
+        magic, lrec = _CHUNK_HEAD.unpack(_read_exact(fh, 8, where, "chunk header", pos))
         if magic != MAGIC:
             raise DataFormatError(f"{where}: bad magic 0x{magic:08X} at offset {pos} (expected 0x{MAGIC:08X})")
         cflag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
@@ -131,13 +131,24 @@ def read_framed_record(fh: BinaryIO, offset: int, where: str) -> bytes:
             raise DataFormatError(f"{where}: chunk flag {cflag} at offset {pos} inside a multi-part record")
         if not parts and cflag in (2, 3):
             raise DataFormatError(f"{where}: part {cflag} at offset {pos} without a preceding part 1")
-        data = _read_exact(fh, length + (-length % 4), where, f"chunk at offset {pos}")
+        data = _read_exact(fh, length + (-length % 4), where, "chunk", pos)
         parts.append(data[:length])
         if cflag in (0, 3):
             return _MAGIC_BYTES.join(parts)
 
 
 # ---------------------------------------------------------------- indexed writer / reader
+
+class _Place:
+    """A record's '<rec file>: record <key> (offset N)', formatted on demand (f-strings, str())."""
+
+    __slots__ = ("reader", "key")
+
+    def __init__(self, reader: "IndexedRecordReader", key: int):
+        self.reader, self.key = reader, key
+
+    def __str__(self) -> str:
+        return self.reader.where(self.key)
 
 class RecordIOWriter:
     """Writes a .rec and its .idx; both appear under their final names only on a successful close.
@@ -224,11 +235,15 @@ class IndexedRecordReader:
         """'<rec file>: record <key> (offset N)', the prefix of every error about this record."""
         return f"{self.rec_path}: record {key} (offset {self._offsets[key]})"
 
+    def place(self, key: int) -> "_Place":
+        """`where(key)` made only when an error message formats it (the hot read path builds none)."""
+        return _Place(self, key)
+
     def read(self, key: int) -> bytes:
         """The payload of record `key` (KeyError if the .idx has no such key)."""
         if key not in self._offsets:
             raise KeyError(f"{self.idx_path}: no record with key {key}")
-        return read_framed_record(self._file(), self._offsets[key], self.where(key))
+        return read_framed_record(self._file(), self._offsets[key], self.place(key))
 
     def _file(self) -> BinaryIO:
         """This process's handle: a forked child must not share (and seek) its parent's file offset."""

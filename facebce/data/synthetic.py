@@ -320,6 +320,10 @@ class SyntheticFaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.faces)
 
+    def decoded(self, i: int) -> tuple[np.ndarray, int]:
+        """(the rendered RGB uint8 image, label) before the transform."""
+        return self.faces[i]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img, label = self.faces[i]
         return self.transform(img), label

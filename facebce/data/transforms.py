@@ -50,6 +50,25 @@ def to_tensor(img_rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def to_batch(images, *, shared: bool = False) -> torch.Tensor:
+    """N HxWx3 uint8 RGB images (views welcome) -> N x 3 x H x W float32, bit-identical to stacking
+    `to_tensor` of each: every image is cast-subtracted straight into its slot of one batch buffer and
+    divided there, so no per-image tensor is made and nothing is copied again to collate.
+    `shared=True` allocates the buffer in shared memory (a DataLoader worker's batch crosses to the
+    main process without a copy, as default_collate does)."""
+    n, (h, w) = len(images), images[0].shape[:2]
+    if shared:
+        storage = torch.empty(0)._typed_storage()._new_shared(n * 3 * h * w, device="cpu")
+        out = torch.empty(0).new(storage).resize_(n, 3, h, w)
+    else:
+        out = torch.empty((n, 3, h, w), dtype=torch.float32)
+    a = out.numpy()
+    for k, img in enumerate(images):
+        np.subtract(img.transpose(2, 0, 1), np.float32(INPUT_MEAN), out=a[k], dtype=np.float32)
+        np.divide(a[k], np.float32(INPUT_STD), out=a[k])  # while the image is still in cache
+    return out
+
+
 def random_hflip(img_rgb: np.ndarray, p: float = 0.5) -> np.ndarray:
     """Flip left-right with probability p (a view, no copy), drawing from torch's RNG (seeded per
     DataLoader worker)."""

@@ -40,7 +40,7 @@ from facebce.train import checkpoint as ckpt
 from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, MetricsLogger, ProgressBar,
                                      Verification, write_json_atomic)
 from facebce.train.config import TrainConfig, load_config, save_config
-from facebce.train.loader import SeededSamples, ShardedBatchSampler, batches_per_epoch, build_datasets
+from facebce.train.loader import SeededSamples, ShardedBatchSampler, batch_collate, batches_per_epoch, build_datasets
 
 
 class TrainingDiverged(FacebceError):
@@ -317,8 +317,8 @@ class Trainer:
             sampler = ShardedBatchSampler(len(self.dataset), d.batch_size, rank=self.rank, world_size=self.world_size,
                                           seed=self.cfg.seed, epoch=self.epoch, start=self.epoch_samples)
             loader = DataLoader(self.samples, batch_sampler=sampler, num_workers=d.num_workers,
-                                pin_memory=self.device.type == "cuda", generator=torch.Generator(),
-                                persistent_workers=False)
+                                collate_fn=batch_collate, pin_memory=self.device.type == "cuda",
+                                generator=torch.Generator(), persistent_workers=False)
             for batch in loader:
                 self.epoch_samples += d.batch_size * self.world_size
                 yield batch

@@ -13,10 +13,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from facebce.data import ImageFolderDataset, RecDataset, SyntheticFaceDataset, SyntheticFaces
-from facebce.data.transforms import decode_image, train_transform
+from facebce.data.transforms import decode_image, random_hflip, to_batch, train_transform
 from facebce.train.config import DataConfig
 
 
@@ -59,6 +59,7 @@ class Subset(Dataset):
 
     def __init__(self, ds: Dataset, indices):
         self.ds, self.indices = ds, np.asarray(indices, dtype=np.int64)
+        self.transform = getattr(ds, "transform", None)
         self.num_classes = ds.num_classes
         self.labels = np.asarray(ds.labels)[self.indices]
         self.image_size = getattr(ds, "image_size", None)
@@ -71,6 +72,9 @@ class Subset(Dataset):
 
     def raw(self, i: int):
         return self.ds.raw(int(self.indices[i]))
+
+    def decoded(self, i: int):
+        return self.ds.decoded(int(self.indices[i]))
 
     def images_bgr(self) -> np.ndarray:
         """Every sample decoded, unaugmented, as BGR uint8 N x H x W x 3 (what the embedders take)."""
@@ -109,8 +113,13 @@ class CachedImages(Dataset):
         data, _ = ds.raw(i)
         return decode_image(data, where=f"sample {i}", size=getattr(ds, "image_size", None))
 
+    transform = staticmethod(train_transform)
+
     def __len__(self) -> int:
         return len(self.images)
+
+    def decoded(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
 
     def __getitem__(self, i: int):
         return train_transform(self.images[i]), int(self.labels[i])
@@ -128,11 +137,87 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
-        s = np.random.SeedSequence((self.seed, epoch, i)).generate_state(2, np.uint32)
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator alone: torch.manual_seed also re-seeds every other backend, ~170 µs a call
-            torch.default_generator.manual_seed(int(s[0]) << 32 | int(s[1]))
+        with self._seeded(epoch, i):
             return self.ds[i]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole batch (images N x 3 x H x W, int64 labels), what `batch_collate` passes on. With
+        facebce's own training transform the samples are decoded, flipped (the same seeded draw as
+        `ds[i]` makes) and normalised straight into one batch buffer: bit-identical to collating
+        `self[key]`, without a tensor per sample or the copy collation makes."""
+        if getattr(self.ds, "transform", None) is not train_transform or not hasattr(self.ds, "decoded"):
+            return default_collate([self[key] for key in keys])
+        images, labels = [], []
+        for (epoch, i), seed in zip(keys, sample_seeds(self.seed, keys)):
+            with _CpuSeed(seed):
+                img, label = self.ds.decoded(i)
+                images.append(random_hflip(img))  # train_transform's one draw
+            labels.append(label)
+        return to_batch(images, shared=get_worker_info() is not None), torch.tensor(labels, dtype=torch.int64)
+
+    def _seeded(self, epoch: int, i: int):
+        return _CpuSeed(sample_seeds(self.seed, [(epoch, i)])[0])
+
+
+_U32 = 0xFFFFFFFF
+
+
+def sample_seeds(seed: int, keys) -> list[int]:
+    """The 64-bit torch seed of each (epoch, i): `SeedSequence((seed, epoch, i)).generate_state(2)`
+    as (word0 << 32 | word1), computed for a whole batch at once with numpy's exact algorithm
+    (numpy/random/bit_generator.pyx: hashmix/mix over a pool of 4 words) — the per-sample
+    SeedSequence object cost ~12 µs, a tenth of decoding the image. Values of 2^32 or more (two
+    entropy words) take SeedSequence itself."""
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1, 2)
+    if not (0 <= seed <= _U32) or keys.size and (keys.min() < 0 or keys.max() > _U32):
+        return [int(s[0]) << 32 | int(s[1]) for s in
+                (np.random.SeedSequence((seed, int(e), int(i))).generate_state(2, np.uint32) for e, i in keys)]
+    with np.errstate(over="ignore"):
+        entropy = [np.full(len(keys), seed, np.uint32), keys[:, 0].astype(np.uint32), keys[:, 1].astype(np.uint32),
+                   np.zeros(len(keys), np.uint32)]  # 3 entropy words, padded with 0 to the pool size
+        hash_a = [np.uint32(0x43B0D7E5)]
+
+        def hashmix(value):
+            value = value ^ hash_a[0]
+            hash_a[0] = np.uint32(int(hash_a[0]) * 0x931E8875 & _U32)
+            value = value * hash_a[0]
+            return value ^ (value >> np.uint32(16))
+
+        def mix(x, y):
+            r = np.uint32(0xCA01F9DD) * x - np.uint32(0x4973F715) * y
+            return r ^ (r >> np.uint32(16))
+        pool = [hashmix(w) for w in entropy]
+        for src in range(4):
+            for dst in range(4):
+                if src != dst:
+                    pool[dst] = mix(pool[dst], hashmix(pool[src]))
+        hash_b, words = 0x8B51F9DD, []
+        for k in range(2):
+            value = pool[k] ^ np.uint32(hash_b)
+            hash_b = hash_b * 0x58F38DED & _U32
+            value = value * np.uint32(hash_b)
+            words.append(value ^ (value >> np.uint32(16)))
+    return ((words[0].astype(np.uint64) << np.uint64(32)) | words[1].astype(np.uint64)).tolist()
+
+
+class _CpuSeed:
+    """Seed torch's CPU generator for a block and restore it after (torch.manual_seed would also
+    re-seed every other backend: ~170 µs a call, more than decoding the image)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        self.state = torch.get_rng_state()
+        torch.default_generator.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        torch.set_rng_state(self.state)
+
+
+def batch_collate(batch):
+    """The DataLoader collate_fn for `SeededSamples`: its `__getitems__` already returns a batch."""
+    return batch
 
 
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, start: int = 0) -> int:

@@ -62,3 +62,74 @@ def test_lr_warmup_then_polynomial_decay():
     assert lr_at(2, 0.1, 10, 2) == pytest.approx(0.1)
     assert lr_at(6, 0.1, 10, 2) == pytest.approx(0.1 * 0.5 ** 2)
     assert lr_at(9, 0.1, 10, 0) == pytest.approx(0.1 * 0.1 ** 2)
+
+
+def _datasets(tmp_path):
+    """Every dataset kind the trainer builds, with facebce's training transform."""
+    from facebce.data import ImageFolderDataset, RecDataset, SyntheticFaceDataset, SyntheticFaces
+    from facebce.data.tools import synthesize
+    from facebce.train.loader import CachedImages, Subset
+
+    synthesize(tmp_path / "s", identities=4, images=5, rec=True)
+    faces = SyntheticFaces(4, 5, seed=0)
+    rec = RecDataset(tmp_path / "s" / "rec", train=True)
+    return {"rec": rec, "folder": ImageFolderDataset(tmp_path / "s" / "images", train=True),
+            "synthetic": SyntheticFaceDataset(faces, train=True), "cached": CachedImages(rec),
+            "subset": Subset(rec, [1, 3, 4, 8, 9, 12, 15, 19])}
+
+
+def test_batched_fast_path_equals_collating_samples(tmp_path):
+    """SeededSamples.__getitems__ (decode + seeded flip + normalise into one buffer) gives exactly
+    the batch that collating ds[key] one by one gives: same flips, same bits, same labels."""
+    from torch.utils.data import default_collate
+
+    for name, ds in _datasets(tmp_path).items():
+        samples = SeededSamples(ds, seed=9)
+        keys = [(e, i) for e in (0, 1) for i in range(len(ds))]
+        x, y = samples.__getitems__(keys)
+        xs, ys = default_collate([samples[k] for k in keys])
+        assert x.dtype == torch.float32 and y.dtype == torch.int64, name
+        assert torch.equal(x, xs) and torch.equal(y, ys), name
+        flipped = [not torch.equal(samples[(0, i)][0], samples[(1, i)][0]) for i in range(len(ds))]
+        assert any(flipped), name  # the epochs draw different flips
+
+
+def test_batched_fast_path_through_dataloader_workers(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from facebce.train.loader import batch_collate
+
+    ds = _datasets(tmp_path)["rec"]
+    samples = SeededSamples(ds, seed=2)
+
+    def run(workers):
+        sampler = ShardedBatchSampler(len(ds), 6, seed=2)
+        return list(DataLoader(samples, batch_sampler=sampler, num_workers=workers, collate_fn=batch_collate))
+    serial, parallel = run(0), run(2)
+    assert len(serial) == len(parallel) == 3
+    for (xs, ys), (xp, yp) in zip(serial, parallel):
+        assert torch.equal(xs, xp) and torch.equal(ys, yp)
+
+
+def test_custom_transform_takes_the_per_sample_path(tmp_path):
+    from facebce.data import RecDataset
+    from facebce.data.tools import synthesize
+
+    synthesize(tmp_path / "s", identities=2, images=3, rec=True)
+    ds = RecDataset(tmp_path / "s" / "rec", transform=lambda img: torch.from_numpy(img.copy()).permute(2, 0, 1))
+    x, y = SeededSamples(ds, seed=0).__getitems__([(0, 0), (0, 5)])
+    assert x.dtype == torch.uint8 and x.shape == (2, 3, 112, 112) and y.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2048, 2**32 - 1, 2**32 + 5])
+def test_sample_seeds_equal_numpy_seedsequence(seed):
+    import numpy as np
+
+    from facebce.train.loader import sample_seeds
+
+    rng = np.random.default_rng(seed % 1000)
+    keys = [(0, 0), (0, 1), (1, 0)] + [(int(e), int(i)) for e, i in zip(rng.integers(0, 99, 200),
+                                                                         rng.integers(0, 2**32, 200))]
+    want = [int(s[0]) << 32 | int(s[1])
+            for s in (np.random.SeedSequence((seed, e, i)).generate_state(2, np.uint32) for e, i in keys)]
+    assert sample_seeds(seed, keys) == want

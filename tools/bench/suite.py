@@ -96,7 +96,7 @@ def bench_data(args) -> list[Row]:
     from torch.utils.data import DataLoader
 
     from facebce.data.rec_dataset import RecDataset
-    from facebce.train.loader import SeededSamples, ShardedBatchSampler
+    from facebce.train.loader import SeededSamples, ShardedBatchSampler, batch_collate
 
     rec = SHARED / "data" / "celeba299" / "rec"
     tmp = None
@@ -123,7 +123,8 @@ def bench_data(args) -> list[Row]:
 
         def one_epoch():
             sampler = ShardedBatchSampler(len(ds), args.batch, seed=0, epoch=0)
-            loader = DataLoader(samples, batch_sampler=sampler, num_workers=workers, persistent_workers=False)
+            loader = DataLoader(samples, batch_sampler=sampler, num_workers=workers, collate_fn=batch_collate,
+                                persistent_workers=False)  # exactly the trainer's DataLoader
             return sum(len(y) for _, y in loader)
         n = (len(ds) // args.batch) * args.batch
         return n / median_seconds(one_epoch, args.repeats)
