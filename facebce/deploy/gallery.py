@@ -40,8 +40,9 @@ _METRIC = "inner_product"
 # FAISS scans a flat index query by query (SIMD) until nq * d reaches its process-wide
 # distance_compute_blas_threshold (128000 in faiss >= 1.15, tuned for many-core servers: at d=512 a
 # batch under 250 probes never reaches BLAS). On a few cores one BLAS product over the gallery wins
-# from about 8 probes on (tools/bench: 64 probes x 100k gallery, 6.5x), so flat searches of
-# `_BLAS_MIN_QUERIES` or more probes lower it for the call; a lock guards the global.
+# from about 8 probes on (tools/bench: 64 probes x 100k gallery, ~3x numpy), so flat searches of
+# `_BLAS_MIN_QUERIES` or more probes lower it for the call (a lock guards the global); fewer
+# probes are scanned by `_scan_few`.
 _BLAS_MIN_QUERIES = 8
 _BLAS_LOCK = threading.Lock()
 
@@ -310,8 +311,10 @@ class Gallery:
         if not self._entries:
             raise FacebceError("search: the gallery is empty; add embeddings first")
         searcher, k = self._searcher(), min(k, len(self))
-        if self.index_type != "flat" or self._gpu_index is not None or len(queries) < _BLAS_MIN_QUERIES:
+        if self.index_type != "flat" or self._gpu_index is not None:
             return searcher.search(queries, k)
+        if len(queries) < _BLAS_MIN_QUERIES:
+            return self._scan_few(queries, k)
         with _BLAS_LOCK:
             saved = faiss.cvar.distance_compute_blas_threshold
             faiss.cvar.distance_compute_blas_threshold = min(saved, _BLAS_MIN_QUERIES * self.dim)
@@ -319,6 +322,20 @@ class Gallery:
                 return searcher.search(queries, k)
             finally:
                 faiss.cvar.distance_compute_blas_threshold = saved
+
+    def _scan_few(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of a few probes over the flat index's own storage (a view, no copy) with one
+        BLAS product: FAISS scans a single probe on one thread, OpenBLAS's gemv streams the gallery
+        on every core, which is what a memory-bound scan needs. Same (scores, ids) as FAISS."""
+        flat = faiss.downcast_index(self._index.index)
+        n = flat.ntotal
+        xb = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
+        ids = faiss.rev_swig_ptr(self._index.id_map.data(), n)
+        scores = queries @ xb.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(queries), 1))
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return np.take_along_axis(top_scores, order, axis=1), ids[np.take_along_axis(top, order, axis=1)]
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

@@ -246,7 +246,8 @@ def _numerics(arch, x, y, classes) -> Row:
         with ctx:
             out = head(model(inp), y)
         out.loss.backward()
-        return float(out.loss), torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+        return float(out.loss.detach()), torch.cat([p.grad.flatten().double() for p in model.parameters()
+                                                    if p.grad is not None])
     l32, g32 = grads(ref, False, False)
     l16, g16 = grads(fast, True, True)
     cos = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
