@@ -35,8 +35,6 @@ import contextlib
 import json
 import os
 import platform
-import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,6 +49,7 @@ sys.path[:0] = [str(REPO), str(HERE)]  # run from a checkout without installing;
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from timing import median_seconds  # noqa: E402  (tools/bench/timing.py)
 
 SHARED = Path(os.environ.get("FACEBCE_SHARED", REPO.parent / "shared"))
 AREAS = ("data", "train", "eval", "onnx", "gallery")
@@ -73,17 +72,6 @@ class Row:
         if self.target is None or self.ratio is None:
             return ""
         return "yes" if self.ratio >= self.target else "no"
-
-
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def say(*parts) -> None:

@@ -5,10 +5,11 @@ import statistics
 import time
 
 
-def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of `fn()` over `repeats` runs, after one warm-up run (first-run allocations,
-    kernel selection)."""
-    fn()
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after `warmup` warm-up runs (first-run
+    allocations, kernel selection; torch.compile wants more)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
