@@ -103,6 +103,11 @@ class VerificationSet:
     def num_pairs(self) -> int:
         return len(self.issame)
 
+    def distinct(self) -> tuple[np.ndarray, np.ndarray]:
+        """(index of the first image of each distinct stored image, per image the number of its
+        distinct image): a .bin stores a repeated image once and `load_bin` gives it one object."""
+        return distinct_indices([id(b) for b in self.images])
+
     def decode(self, *, image_size: int = BIN_IMAGE_SIZE, progress: bool = True) -> np.ndarray:
         """All images as RGB uint8 N x S x S x 3.
 
@@ -126,6 +131,15 @@ class VerificationSet:
         if img.shape[:2] != (size, size):
             raise DataFormatError(f"{where}: image is {img.shape[0]}x{img.shape[1]}, expected {size}x{size}")
         return img
+
+
+def distinct_indices(keys: Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """(index of the first occurrence of each distinct key, per key the number of its distinct key)."""
+    row: dict = {}
+    inverse = np.array([row.setdefault(k, len(row)) for k in keys], np.int64)
+    first = np.full(len(row), -1, np.int64)
+    first[inverse[::-1]] = np.arange(len(keys))[::-1]  # reversed: the lowest index is written last
+    return first, inverse
 
 
 def _resize_short_side(img: np.ndarray, size: int) -> np.ndarray:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from facebce import __version__
 from facebce.data.image_folder import scan_image_folder
-from facebce.data.verification_bin import load_bin
+from facebce.data.verification_bin import distinct_indices, load_bin
 from facebce.errors import ConfigError, DataFormatError, FacebceError
 from facebce.eval.ijb import IjbResult, evaluate_ijb, embed_ijb, load_ijb
 from facebce.eval.model_loading import ModelSpec, file_digest
@@ -255,7 +255,7 @@ def load_pairs(protocol: Protocol, path: str | os.PathLike, *, progress: bool = 
 
 def _load_bin_pairs(path: Path, protocol: Protocol, progress: bool) -> PairImages:
     vs = load_bin(path)
-    first, inverse = _distinct([id(b) for b in vs.images])  # load_bin gives equal images one object
+    first, inverse = vs.distinct()
     decoded: list[np.ndarray] = []
 
     def read(index: np.ndarray) -> np.ndarray:
@@ -264,15 +264,6 @@ def _load_bin_pairs(path: Path, protocol: Protocol, progress: bool) -> PairImage
         return np.ascontiguousarray(decoded[0][index][..., ::-1])  # RGB -> BGR, what embedders take
 
     return PairImages(vs.issame, first, inverse, read, file_digest(path))
-
-
-def _distinct(keys: list) -> tuple[np.ndarray, np.ndarray]:
-    """(index of the first image of each distinct key, per image the number of its distinct key)."""
-    row: dict = {}
-    inverse = np.array([row.setdefault(k, len(row)) for k in keys], np.int64)
-    first = np.full(len(row), -1, np.int64)
-    first[inverse[::-1]] = np.arange(len(keys))[::-1]  # reversed: the lowest index is written last
-    return first, inverse
 
 
 def _load_list_pairs(path: Path, protocol: Protocol) -> PairImages:
@@ -295,7 +286,7 @@ def _load_list_pairs(path: Path, protocol: Protocol) -> PairImages:
             raise DataFormatError(f"{path}: line {number} label {fields[2]!r}, expected 1/0, true/false or same/diff")
         images += [str(root / fields[0]), str(root / fields[1])]
         issame.append(label in _TRUE)
-    first, inverse = _distinct(images)
+    first, inverse = distinct_indices(images)
     size = protocol["image_size"]
 
     def read(index: np.ndarray) -> np.ndarray:

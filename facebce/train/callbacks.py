@@ -261,15 +261,8 @@ class Verification(Callback):
         if trainer.is_main:
             for name, path in self.bins:
                 vs = load_bin(path)
-                # a .bin stores a repeated image once (LFW: 7701 distinct of 12000): embed each once
-                number: dict[int, int] = {}  # id of a stored image -> its distinct number
-                distinct, inverse = [], np.empty(len(vs.images), np.int64)
-                for i, buf in enumerate(vs.images):
-                    if id(buf) not in number:
-                        number[id(buf)] = len(distinct)
-                        distinct.append(i)
-                    inverse[i] = number[id(buf)]
-                images = vs.decode(progress=False)[distinct][..., ::-1]
+                first, inverse = vs.distinct()  # embed each stored image once (LFW: 7701 of 12000)
+                images = vs.decode(progress=False)[first][..., ::-1]
                 self.sets.append((name, np.ascontiguousarray(images), inverse, vs.issame))
 
     def on_step_end(self, trainer):
