@@ -239,7 +239,26 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-class Verification(Callback):
+class PeriodicEvaluation(Callback):
+    """Runs `run(trainer)` every `every_steps` steps, at the last step (its results land in that
+    step's metrics row), and once more at the end if the last step did not already."""
+
+    every_steps: int = 0
+    last_step: Optional[int] = None
+
+    def on_step_end(self, trainer):
+        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
+            self.run(trainer)
+
+    def on_train_end(self, trainer):
+        if self.last_step != trainer.step:
+            self.run(trainer)
+
+    def run(self, trainer) -> None:  # pragma: no cover - subclasses evaluate
+        raise NotImplementedError
+
+
+class Verification(PeriodicEvaluation):
     """Pair verification on .bin sets with the current backbone (eval mode, flip-sum, L2), rank 0 only.
 
     Logs per set `<name>/acc` and `/acc_std` (insightface 10-fold, facebce.eval.ten_fold),
@@ -264,14 +283,6 @@ class Verification(Callback):
                 first, inverse = vs.distinct()  # embed each stored image once (LFW: 7701 of 12000)
                 images = vs.decode(progress=False)[first][..., ::-1]
                 self.sets.append((name, np.ascontiguousarray(images), inverse, vs.issame))
-
-    def on_step_end(self, trainer):
-        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
-            self.run(trainer)  # the last step's results land in that step's metrics row
-
-    def on_train_end(self, trainer):
-        if self.last_step != trainer.step:
-            self.run(trainer)
 
     def run(self, trainer) -> None:
         self.last_step = trainer.step
@@ -303,7 +314,7 @@ class Verification(Callback):
             torch.cuda.empty_cache()
 
 
-class ClassificationVal(Callback):
+class ClassificationVal(PeriodicEvaluation):
     """Closed-set val on held-out images of the training identities (`data.val_fraction`), rank 0.
 
     Embeds them as the head sees a batch (eval mode, no flip, no L2 normalisation), scores them
@@ -323,19 +334,13 @@ class ClassificationVal(Callback):
         return [f"val/{f}" for f in VAL_FIELDS]
 
     def on_train_start(self, trainer):
-        if trainer.is_main and score_kind(trainer) is None:
+        if not trainer.is_main:
+            return
+        if score_kind(trainer) is None:
             trainer.say(f"note: data.val_fraction: head {trainer.cfg.head.name!r} scores no class centres; "
                         "no closed-set val")
-        if trainer.is_main and score_kind(trainer) is not None:
+        else:
             self.images = self.val.images_bgr()
-
-    def on_step_end(self, trainer):
-        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
-            self.run(trainer)
-
-    def on_train_end(self, trainer):
-        if self.last_step != trainer.step:
-            self.run(trainer)
 
     def run(self, trainer) -> None:
         from facebce.eval.model_loading import class_scores  # facebce.eval's exact head scoring
