@@ -45,9 +45,14 @@ def to_tensor(img_rgb: np.ndarray) -> torch.Tensor:
     as insightface trains). One cast-subtract pass straight into the CHW buffer, then one in-place
     divide: bit-identical to `(chw.astype(float32) - 127.5) / 127.5`, without its temporaries."""
     out = np.empty((3,) + img_rgb.shape[:2], np.float32)
+    _normalise_into(img_rgb, out)
+    return torch.from_numpy(out)
+
+
+def _normalise_into(img_rgb: np.ndarray, out: np.ndarray) -> None:
+    """(x - 127.5) / 127.5 of an HxWx3 uint8 image written into a 3xHxW float32 array."""
     np.subtract(img_rgb.transpose(2, 0, 1), np.float32(INPUT_MEAN), out=out, dtype=np.float32)
     np.divide(out, np.float32(INPUT_STD), out=out)
-    return torch.from_numpy(out)
 
 
 def to_batch(images, *, shared: bool = False) -> torch.Tensor:
@@ -64,8 +69,7 @@ def to_batch(images, *, shared: bool = False) -> torch.Tensor:
         out = torch.empty((n, 3, h, w), dtype=torch.float32)
     a = out.numpy()
     for k, img in enumerate(images):
-        np.subtract(img.transpose(2, 0, 1), np.float32(INPUT_MEAN), out=a[k], dtype=np.float32)
-        np.divide(a[k], np.float32(INPUT_STD), out=a[k])  # while the image is still in cache
+        _normalise_into(img, a[k])  # subtract and divide while the image is still in cache
     return out
 
 
