@@ -20,16 +20,11 @@ from facebce.data.transforms import decode_image, random_hflip, to_batch, train_
 from facebce.train.config import DataConfig
 
 
-def build_train_dataset(cfg: DataConfig) -> Dataset:
-    """The recipe's training set: samples (FloatTensor[3,112,112], label), with `.num_classes`, `.labels`.
-
-    With `val_fraction` > 0 the images held out by `split_per_identity` are left out (see `build_datasets`)."""
-    return build_datasets(cfg)[0]
-
-
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Optional["Subset"]]:
-    """(training set, held-out val set or None). The val set keeps every identity's class id and is
-    never augmented; it is what the trainer scores against the class centres (uniform accuracy)."""
+    """The recipe's (training set, held-out val set or None). Training samples are
+    (FloatTensor[3,112,112], label) with `.num_classes`, `.labels`; with `val_fraction` > 0 the images
+    `split_per_identity` holds out form the val set, which keeps every identity's class id, is never
+    augmented, and is what the trainer scores against the class centres (uniform accuracy)."""
     full = _base_dataset(cfg)
     val = None
     if cfg.val_fraction > 0:

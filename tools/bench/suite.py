@@ -159,8 +159,6 @@ def _trainer(arch: str, classes: int, batch: int, run_dir: str, **overrides):
 
 
 def _train_step(arch: str, args) -> list[Row]:
-    import torch.nn.functional as F  # noqa: F401
-
     from facebce.heads import build_head
     from facebce.models import build_backbone
 
