@@ -148,13 +148,33 @@ class MetricsLogger(Callback):
             self.tb = None
 
 
-class Checkpointer(Callback):
+class Periodic(Callback):
+    """Runs `run(trainer)` every `every_steps` steps, at the last step (its results land in that
+    step's metrics row), and once more at the end if the last step did not already; `run` sets
+    `last_step`. Checkpoints, verification and the closed-set val all keep this rhythm."""
+
+    every_steps: int = 0
+    last_step: Optional[int] = None
+
+    def on_step_end(self, trainer):
+        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
+            self.run(trainer)
+
+    def on_train_end(self, trainer):
+        if self.last_step != trainer.step:
+            self.run(trainer)
+
+    def run(self, trainer) -> None:  # pragma: no cover - subclasses act
+        raise NotImplementedError
+
+
+class Checkpointer(Periodic):
     """Atomic checkpoint every `every_steps` steps and at the end; keeps the newest `keep`.
     Also writes `backbone.pth` (a plain state_dict, insightface layout) at the end."""
 
     def __init__(self, folder: Path, every_steps: int, keep: int):
         self.folder, self.every_steps, self.keep = Path(folder), every_steps, keep
-        self.last_saved_step: Optional[int] = None
+        self.last_step: Optional[int] = None
         self.last_path: Optional[Path] = None
 
     def save(self, trainer) -> None:
@@ -162,15 +182,12 @@ class Checkpointer(Callback):
         if trainer.is_main:
             self.last_path = ckpt.atomic_save(state, ckpt.checkpoint_path(self.folder, trainer.step))
             ckpt.prune_checkpoints(self.folder, self.keep)
-        self.last_saved_step = trainer.step
+        self.last_step = trainer.step
 
-    def on_step_end(self, trainer):
-        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
-            self.save(trainer)
+    run = save
 
     def on_train_end(self, trainer):
-        if self.last_saved_step != trainer.step:
-            self.save(trainer)
+        super().on_train_end(trainer)  # the final checkpoint, unless the last step wrote it
         centres = class_centres(trainer)  # a collective (gathers the head's rows): every rank
         if trainer.is_main:
             state = {k: v.detach().cpu() for k, v in trainer.backbone.state_dict().items()}
@@ -239,26 +256,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-class PeriodicEvaluation(Callback):
-    """Runs `run(trainer)` every `every_steps` steps, at the last step (its results land in that
-    step's metrics row), and once more at the end if the last step did not already."""
-
-    every_steps: int = 0
-    last_step: Optional[int] = None
-
-    def on_step_end(self, trainer):
-        if every(trainer.step, self.every_steps) or trainer.step == trainer.total_steps:
-            self.run(trainer)
-
-    def on_train_end(self, trainer):
-        if self.last_step != trainer.step:
-            self.run(trainer)
-
-    def run(self, trainer) -> None:  # pragma: no cover - subclasses evaluate
-        raise NotImplementedError
-
-
-class Verification(PeriodicEvaluation):
+class Verification(Periodic):
     """Pair verification on .bin sets with the current backbone (eval mode, flip-sum, L2), rank 0 only.
 
     Logs per set `<name>/acc` and `/acc_std` (insightface 10-fold, facebce.eval.ten_fold),
@@ -314,7 +312,7 @@ class Verification(PeriodicEvaluation):
             torch.cuda.empty_cache()
 
 
-class ClassificationVal(PeriodicEvaluation):
+class ClassificationVal(Periodic):
     """Closed-set val on held-out images of the training identities (`data.val_fraction`), rank 0.
 
     Embeds them as the head sees a batch (eval mode, no flip, no L2 normalisation), scores them
