@@ -177,7 +177,8 @@ def decode_bgr(buf: bytes | np.ndarray, *, where: str, max_pixels: int = MAX_IMA
     if img is None:
         raise DataFormatError(f"{where}: image bytes do not decode ({arr.size} bytes)")
     if img.shape[0] * img.shape[1] > max_pixels:
-        raise DataFormatError(f"{where}: image is {img.shape[1]}x{img.shape[0]} pixels, over the limit of {max_pixels:,}")
+        raise DataFormatError(f"{where}: image is {img.shape[1]}x{img.shape[0]} pixels, "
+                              f"over the limit of {max_pixels:,}")
     return img
 
 
@@ -216,3 +217,94 @@ def unit_rows(x, where: str, *, dim: int | None = None, rows: int | None = None,
     if np.all(np.abs(norms - 1) <= 1e-6):
         return np.ascontiguousarray(x)
     return np.ascontiguousarray(x / norms)
+
+
+# ---------------------------------------------------------------------------------------------
+# structured files: one-line errors for YAML and torch weights
+
+
+def load_yaml_file(path: str | os.PathLike, *, what: str = "YAML file"):
+    """yaml.safe_load of a UTF-8 file; a missing file, non-UTF-8 bytes or a YAML syntax error is one
+    DataFormatError line naming the file (and line/column for syntax errors)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise DataFormatError(f"{path}: is a folder, expected a {what}") from None
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: {what} is not UTF-8 text (byte {e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DataFormatError(f"{path}: not valid YAML{where}: {problem}") from None
+
+
+def torch_load_weights_only(path: str | os.PathLike, *, what: str = "checkpoint"):
+    """torch.load(weights_only=True, map_location='cpu'); anything refused or unreadable is one
+    DataFormatError line naming the file: 'not a weights-only checkpoint: it contains <global>'
+    for pickles that reference code, 'truncated or not a torch file' for damaged bytes."""
+    import pickle
+    import warnings
+    import zipfile
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such {what} file")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _pickle_globals(path)
+        if refused:
+            raise DataFormatError(f"{path}: not a weights-only {what}: it contains {refused[0]} "
+                                  "(refused; nothing was executed)") from None
+        first = next((ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()), "refused by torch")
+        raise DataFormatError(f"{path}: not a weights-only {what}: {first[:200]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise DataFormatError(f"{path}: {what} is truncated or not a torch file ({first[:160]})") from None
+
+
+_TORCH_SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                        "_codecs.encode", "numpy.")
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """The module.name globals a pickle (or a torch zip's data.pkl) references that torch's
+    weights-only loader would not accept; read with pickletools, nothing is executed."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return []
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # a damaged pickle: report what was read before the damage
+        pass
+    return [g for g in found if not g.startswith(_TORCH_SAFE_PREFIXES)]

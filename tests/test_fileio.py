@@ -70,3 +70,43 @@ def test_unit_rows():
         unit_rows([[0, 0]], "emb")
     with pytest.raises(DataFormatError, match=r"expected N x 3"):
         unit_rows([[1, 2]], "emb", dim=3)
+
+
+def test_yaml_one_line_errors(tmp_path):
+    from facebce.fileio import load_yaml_file
+    (tmp_path / "ok.yaml").write_text("a: 1\n")
+    assert load_yaml_file(tmp_path / "ok.yaml") == {"a": 1}
+    (tmp_path / "bad.yaml").write_text("a: [1,\nb: 2\n")
+    with pytest.raises(DataFormatError, match=r"bad.yaml: not valid YAML at line \d+, column \d+") as e:
+        load_yaml_file(tmp_path / "bad.yaml")
+    assert "\n" not in str(e.value)
+    (tmp_path / "latin.yaml").write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(DataFormatError, match="latin.yaml: YAML file is not UTF-8"):
+        load_yaml_file(tmp_path / "latin.yaml")
+
+
+def test_torch_load_refuses_code_in_one_line(tmp_path):
+    import pickle
+
+    import torch
+
+    from facebce.fileio import torch_load_weights_only
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "evil.pth"
+    with open(bad, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    with pytest.raises(DataFormatError, match=r"evil.pth: not a weights-only checkpoint: it contains ") as e:
+        torch_load_weights_only(bad)
+    assert "\n" not in str(e.value) and not (tmp_path / "pwned").exists()
+    rnd = tmp_path / "random.pth"
+    rnd.write_bytes(os.urandom(300))
+    with pytest.raises(DataFormatError, match="random.pth") as e:
+        torch_load_weights_only(rnd)
+    assert "\n" not in str(e.value)
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.ones(2)}, good)
+    assert torch_load_weights_only(good)["w"].sum() == 2
