@@ -51,7 +51,7 @@ from facebce.eval.verification import ThresholdResult, accuracy_at_threshold, be
 PAIR_KINDS = ("pairs_bin", "pairs_list")
 OPEN_SET_KIND = "open_set_folder"
 CLASSIFICATION_KIND = "classification_folder"
-THRESHOLD_SOURCES = "fit:union | fit:<set> | fixed:<t> | bias"
+THRESHOLD_SOURCES = "fit:union | fit:<set> | fixed:<t> | bias | calibrated:<calib.json>"
 _CHUNK = 256  # images per embed call: a progress step, and a bound on the crops held at once
 _TRUE = {"1", "true", "same", "yes", "genuine"}
 _FALSE = {"0", "false", "diff", "different", "no", "impostor"}
@@ -144,7 +144,8 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
         raise ConfigError(f"tar_mode={tar_mode!r}: expected one of {', '.join(TAR_MODES)}")
     resolved = _resolve_protocols(protocols, protocol_paths)
     pair_sets = [(p, path) for p, path in resolved if p.kind in PAIR_KINDS]
-    parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias)
+    parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias,
+                             model_digest=file_digest(model.weights_file) if isinstance(model, ModelSpec) else None)
     source = EmbeddingSource(model, flip=flip, cache_dir=cache_dir, model_name=model_name, progress=progress)
     folders = [(p, path, load_open_set_folder(p, path)) for p, path in resolved if p.kind == OPEN_SET_KIND]
     classify = _classification_set(resolved, model, uniform)
@@ -188,9 +189,15 @@ def _resolve_protocols(protocols, protocol_paths) -> list[tuple[Protocol, Path]]
 
 # ----------------------------------------------------------------------------- global threshold
 
-def parse_threshold(spec: str, pair_set_names: Sequence[str], bias: float | None) -> tuple[str, str | float | None]:
-    """('union', None) | ('set', name) | ('fixed', t) | ('bias', b); a ConfigError before any embedding."""
+def parse_threshold(spec: str, pair_set_names: Sequence[str], bias: float | None, *,
+                    model_digest: str | None = None) -> tuple[str, str | float | tuple | None]:
+    """('union', None) | ('set', name) | ('fixed', t) | ('bias', b) | ('calibrated', (source, t)); a
+    ConfigError before any embedding. calibrated:<calib.json> is verified by facebce.eval.calibrate
+    (checksum, and made with this model when `model_digest` is given)."""
     spec = str(spec).strip()
+    if spec.startswith("calibrated:"):
+        from facebce.eval.calibrate import resolve_threshold_spec
+        return "calibrated", (spec, resolve_threshold_spec(spec, model_digest=model_digest).value)
     if spec == "bias":
         if bias is None or not np.isfinite(bias):
             raise ConfigError(f"threshold 'bias' needs the learned threshold: pass bias=<b/γ> (got {bias!r})")
@@ -222,6 +229,8 @@ def _global_threshold(parsed, scored: Mapping[str, tuple[np.ndarray, np.ndarray]
         return GlobalThreshold(f"fixed:{arg:g}", arg)
     if kind == "bias":
         return GlobalThreshold("bias", arg)
+    if kind == "calibrated":
+        return GlobalThreshold(*arg)
     names = tuple(scored) if kind == "union" else (arg,)
     fit = best_threshold(np.concatenate([scored[n][0] for n in names]), np.concatenate([scored[n][1] for n in names]))
     return GlobalThreshold(f"fit:{'union' if kind == 'union' else arg}", fit.threshold, names, fit.accuracy)
