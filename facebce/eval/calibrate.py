@@ -610,11 +610,22 @@ class ThresholdSpec:
     """A pair threshold and where it came from; `metadata()` is the ONNX/gallery provenance schema."""
 
     value: float
-    source: str  # "fixed" | "calibrated"
+    source: str  # "user" (a number given) | "calibrated"
     target_far: float | None = None
     ci: tuple[float, float] | None = None
     calibration_digest: str | None = None  # sha256 of calib.json
     path: str | None = None
+
+    def provenance(self) -> dict | None:
+        """None for a user's number; for a calibration {"source": "calibrated", "target_far", "ci",
+        "calibration"} as facebce.deploy.export.pair_threshold_metadata takes it."""
+        if self.source != "calibrated":
+            return None
+        if self.ci is None:
+            raise ConfigError(f"{self.path}: the calibration has no bootstrap interval (made with --bootstrap 0); "
+                              "recalibrate with --bootstrap 1000 to deploy it")
+        return {"source": "calibrated", "target_far": float(self.target_far),
+                "ci": (float(self.ci[0]), float(self.ci[1])), "calibration": str(self.calibration_digest)}
 
     def metadata(self) -> dict[str, str]:
         """threshold, threshold_source and, when calibrated, threshold_target_far, threshold_ci ("[lo, hi]"
@@ -655,7 +666,7 @@ def resolve_threshold_spec(spec, *, model_digest: str | None = None) -> Threshol
 def _fixed(value: float, spec) -> ThresholdSpec:
     if not math.isfinite(value) or not -1.0 <= value <= 1.0:
         raise ConfigError(f"threshold {spec!r}: a cosine threshold lies in [-1, 1]")
-    return ThresholdSpec(value, "fixed")
+    return ThresholdSpec(value, "user")
 
 
 # ----------------------------------------------------------------------------- drift report

@@ -198,9 +198,9 @@ def test_threshold_spec_resolver_and_metadata(tmp_path):
     assert float(meta["threshold_target_far"]) == 1e-2 and json.loads(meta["threshold_ci"]) == list(cal.threshold_ci)
     import hashlib
     assert meta["threshold_calibration"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert C.resolve_threshold_spec("0.43") == C.ThresholdSpec(0.43, "fixed")
+    assert C.resolve_threshold_spec("0.43") == C.ThresholdSpec(0.43, "user")
     assert C.resolve_threshold_spec("fixed:0.3").value == 0.3 and C.resolve_threshold_spec(0.2).value == 0.2
-    assert C.resolve_threshold_spec("0.43").metadata() == {"threshold": "0.43", "threshold_source": "fixed"}
+    assert C.resolve_threshold_spec("0.43").metadata() == {"threshold": "0.43", "threshold_source": "user"}
     for bad, msg in (("2", r"lies in \[-1, 1\]"), ("nan", r"lies in \[-1, 1\]"), ("fit:lfw", "expected a cosine"),
                      ("calibrated:", "name the calibration file")):
         with pytest.raises(ConfigError, match=msg):
