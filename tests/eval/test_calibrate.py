@@ -241,3 +241,46 @@ def test_scores_come_from_the_eval_machinery_and_eval_takes_the_artifact(bins, t
     with pytest.raises(DataFormatError, match=r"cal_a: 100 impostor pairs cannot resolve FAR 0.001"):
         C.calibrate(ProjectionEmbedder(), sets, target_far=1e-3, model_digest="e", replicates=0, **kw)
     assert math.isfinite(cal.tar)
+
+
+def _random_onnx(path, seed):
+    """A tiny ONNX embedder (Flatten -> MatMul with random weights) that ModelSpec loads like any model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    n = 3 * 112 * 112
+    w = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["data"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["out"])], "g",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [n, 8], w.ravel().tolist())])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
+    return path
+
+
+def test_cli_calibrate_then_eval_with_the_artifact(bins, tmp_path, capsys):
+    from facebce.cli import main
+    from facebce.eval.model_loading import file_digest
+
+    model = _random_onnx(tmp_path / "m.onnx", 0)
+    other = _random_onnx(tmp_path / "other.onnx", 1)
+    sets = [f"cal_a={bins / 'cal_a.bin'}", f"cal_b={bins / 'cal_b.bin'}"]
+    common = ["--protocols", str(bins / "protocols"), "--mean", "127.5", "--std", "127.5"]
+    out = tmp_path / "calib.json"
+    assert main(["calibrate", str(model), *sets, *common, "--target-far", "0.05", "--on", "cal_b",
+                 "--bootstrap", "50", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    cal = C.load_calibration(out, model_digest=file_digest(model))
+    assert cal.calibrated_on == ["cal_b"] and f"**{cal.threshold:.4f}**" in printed
+    assert (tmp_path / "calib.md").read_text().strip() == C.drift_markdown(cal)
+    assert main(["eval", str(model), *sets, *common, "--threshold", f"calibrated:{out}"]) == 0
+    assert f"global threshold: **{cal.threshold:.4f}** from `calibrated:{out}`" in capsys.readouterr().out
+    assert main(["eval", str(other), *sets, *common, "--threshold", f"calibrated:{out}"]) == 1
+    err = capsys.readouterr().err
+    assert "calibrated with another model" in err and err.count("\n") == 1
+    out.write_text(out.read_text().replace('"target_far": 0.05', '"target_far": 0.5'))
+    assert main(["eval", str(model), *sets, *common, "--threshold", f"calibrated:{out}"]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert main(["calibrate", str(model), *sets, *common, "--target-far", "0", "--out", str(out)]) == 1
+    assert "must lie strictly between 0 and 1" in capsys.readouterr().err
