@@ -707,7 +707,8 @@ def drift_markdown(cal: Calibration) -> str:
                 f"{o['far_range'][0]:g}–{o['far_range'][1]:g})"
             lines.append(f"| {r['name']} | {p['identities']} (of {p['identities'] + p['left_out']}) | "
                          f"{_pct(p.get('median'))} | {_pct(p.get('p90'))} | {_pct(p.get('max'))} | "
-                         f"{p.get('max_over_target', float('nan')):.2f} | {opis_text} |")
+                         f"{'—' if p.get('max_over_target') is None else format(p['max_over_target'], '.2f')} | "
+                         f"{opis_text} |")
     return "\n".join(lines)
 
 
