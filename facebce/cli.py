@@ -77,8 +77,8 @@ def _cmd_eval(args) -> None:
 
 def _cmd_train(args) -> None:
     from facebce.train import train_from_recipe
-    r = train_from_recipe(args.recipe, overrides=args.set, resume=args.resume, init_backbone=args.init_backbone,
-                          out_dir=args.out)
+    r = train_from_recipe(args.recipe, overrides=args.set, resume=args.resume or args.resume_older,
+                          resume_older=args.resume_older, init_backbone=args.init_backbone, out_dir=args.out)
     line = f"trained {r.steps} steps in {r.seconds:.0f} s; final loss {r.loss:.4f}"
     if r.threshold is not None:
         line += f"; learned threshold {r.threshold:.4f}"
@@ -180,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facebce", description=(
         "Open-set face recognition at a single global threshold: train, evaluate, deploy."))
     p.add_argument("--version", action="version", version=f"facebce {__version__}")
+    p.add_argument("--verbose", action="store_true",
+                   help="on an error, also print the traceback and underlying detail (default: one line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="make, pack and inspect face data sets (.rec, .bin, folders)")
@@ -213,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set optim.lr=0.05 --set data.batch_size=64")
     t.add_argument("--resume", action="store_true", help="continue exactly from the run folder's newest checkpoint")
+    t.add_argument("--resume-older", action="store_true",
+                   help="like --resume, but when the newest checkpoint is damaged, resume from the newest one that "
+                        "loads (saying which was skipped and why) instead of refusing")
     t.add_argument("--init-backbone", help="start the backbone from an insightface .pth or a facebce checkpoint")
     t.add_argument("--out", help="run folder (default: the recipe's checkpoint.dir, else runs/<recipe name>)")
     t.set_defaults(func=_cmd_train)
@@ -287,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except FacebceError as e:
+        if getattr(args, "verbose", False):
+            import traceback
+            traceback.print_exc(file=sys.stderr)
         print(f"facebce: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -347,7 +347,7 @@ def test_align_folder_end_to_end(shared_data, detector, tmp_path):
 
     report = align_folder(src, dst, FaceAligner(detector), progress=False)
 
-    assert report.counts == {"ok": 6, "multi_face_picked": 0, "no_face": 1, "unreadable": 1}
+    assert report.counts == {"ok": 6, "multi_face_picked": 0, "no_face": 1, "unreadable": 1, "unusable": 0}
     status = {r.file: r.status for r in report.records}
     assert status["person0/broken.jpg"] == "unreadable" and status["person1/blank.jpg"] == "no_face"
     written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.suffix in (".jpg", ".png"))
@@ -359,7 +359,7 @@ def test_align_folder_end_to_end(shared_data, detector, tmp_path):
         assert _mad(out, crop) < 25, rel
 
     rows = list(csv.DictReader((dst / "alignment_report.csv").open()))
-    assert len(rows) == 8 and set(rows[0]) == {"file", "status", "faces", "score"}
+    assert len(rows) == 8 and set(rows[0]) == {"file", "status", "faces", "score", "reason"}
     row = {r["file"]: r for r in rows}
     assert row["person1/blank.jpg"]["faces"] == "0" and row["person1/blank.jpg"]["score"] == ""
     assert 0.3 <= float(row["person0/photo0.jpg"]["score"]) <= 1
@@ -393,5 +393,5 @@ def test_report_round_trips_through_json(tmp_path):
     report = AlignReport("src", "dst", "best", 112)
     report.write(tmp_path)
     assert json.loads((tmp_path / "alignment_report.json").read_text())["counts"] == \
-        {"ok": 0, "multi_face_picked": 0, "no_face": 0, "unreadable": 0}
-    assert (tmp_path / "alignment_report.csv").read_text() == "file,status,faces,score\n"
+        {"ok": 0, "multi_face_picked": 0, "no_face": 0, "unreadable": 0, "unusable": 0}
+    assert (tmp_path / "alignment_report.csv").read_text() == "file,status,faces,score,reason\n"
