@@ -4,6 +4,7 @@ Record layout and header detection follow formats.md §3; samples match ImageFol
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -147,7 +148,7 @@ class RecDataset(Dataset):
         if header.flag < 2 or img:
             return None
         a, b = float(label[0]), float(label[1])
-        return (int(a), int(b)) if 1 <= a <= b else None
+        return (int(a), int(b)) if 1 <= a <= b and math.isfinite(b) else None
 
     def _require_keys(self, keys: range, why: str) -> None:
         missing = next((k for k in keys if k not in self._reader), None)
@@ -182,6 +183,8 @@ class RecDataset(Dataset):
             if header.flag < 2 or img:
                 raise DataFormatError(f"{where}: identity record needs a [start, end) label and no image "
                                       f"bytes (flag {header.flag}, {len(img)} image bytes)")
+            if not np.isfinite(label[:2]).all():
+                raise DataFormatError(f"{where}: identity {cls} has range {label[:2].tolist()}, expected record keys")
             start, end = int(label[0]), int(label[1])
             if start != next_start or end < start:
                 raise DataFormatError(f"{where}: identity {cls} covers keys [{start}, {end}), expected a "
