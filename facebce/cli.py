@@ -157,7 +157,7 @@ def _cmd_align(args) -> None:
     report = align_folder(args.src, args.dst, aligner)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items()))
     print(f"aligned {args.src} -> {args.dst} ({args.size}x{args.size}, policy {args.policy}): {counts}")
-    print(f"  report: {Path(args.dst) / 'alignment_report.csv'} (one line per photo: status, faces, score)")
+    print(f"  report: {Path(args.dst) / 'alignment_report.csv'} (one line per photo: status, faces, score, reason)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:

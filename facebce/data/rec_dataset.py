@@ -186,7 +186,7 @@ class RecDataset(Dataset):
             if not np.isfinite(label[:2]).all():
                 raise DataFormatError(f"{where}: identity {cls} has range {label[:2].tolist()}, expected record keys")
             start, end = int(label[0]), int(label[1])
-            if start != next_start or end < start:
+            if start != next_start or end < start or end > a:
                 raise DataFormatError(f"{where}: identity {cls} covers keys [{start}, {end}), expected a "
                                       f"range starting at {next_start} (ranges must tile keys 1..{a - 1})")
             labels[start - 1:end - 1] = cls

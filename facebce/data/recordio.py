@@ -111,24 +111,32 @@ def frame_record(payload: bytes) -> bytes:
     return b"".join(_chunk(f, payload[s:e]) for f, s, e in zip(flags, starts, ends))
 
 
-def _read_exact(fh: BinaryIO, n: int, where: str, what: str, pos: int) -> bytes:
+def _read_exact(fh: BinaryIO, n: int, where: str, what: str, pos: int, size: int) -> bytes:
+    """n bytes at the current position; a length beyond the file's `size` is refused before reading
+    (a damaged chunk header can declare up to 512 MB, which read(n) would allocate)."""
+    if pos + n > size:
+        raise DataFormatError(f"{where}: truncated file: {what} at offset {pos} needs {n} bytes, "
+                              f"only {max(size - pos, 0)} left")
     data = fh.read(n)
     if len(data) != n:
         raise DataFormatError(f"{where}: truncated file: {what} at offset {pos} needs {n} bytes, only {len(data)} left")
     return data
 
 
-def read_framed_record(fh: BinaryIO, offset: int, where: str) -> bytes:
+def read_framed_record(fh: BinaryIO, offset: int, where: str, size: int | None = None) -> bytes:
     """Read the record whose first chunk starts at `offset`, re-joining multi-part records.
 
     Stricter than dmlc: a part 2/3 without a preceding part 1, or a part 0/1 inside a multi-part
-    record, is an error rather than silently mis-joined data.
+    record, is an error rather than silently mis-joined data. `size`: the file's size (fstat when
+    not given); no chunk is read past it.
     """
+    if size is None:
+        size = os.fstat(fh.fileno()).st_size
     fh.seek(offset)
     parts: list[bytes] = []
     while True:
         pos = fh.tell()
-        magic, lrec = _CHUNK_HEAD.unpack(_read_exact(fh, 8, where, "chunk header", pos))
+        magic, lrec = _CHUNK_HEAD.unpack(_read_exact(fh, 8, where, "chunk header", pos, size))
         if magic != MAGIC:
             raise DataFormatError(f"{where}: bad magic 0x{magic:08X} at offset {pos} (expected 0x{MAGIC:08X})")
         cflag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
@@ -138,7 +146,7 @@ def read_framed_record(fh: BinaryIO, offset: int, where: str) -> bytes:
             raise DataFormatError(f"{where}: chunk flag {cflag} at offset {pos} inside a multi-part record")
         if not parts and cflag in (2, 3):
             raise DataFormatError(f"{where}: part {cflag} at offset {pos} without a preceding part 1")
-        data = _read_exact(fh, length + (-length % 4), where, "chunk", pos)
+        data = _read_exact(fh, length + (-length % 4), where, "chunk", pos, size)
         parts.append(data[:length])
         if cflag in (0, 3):
             return _MAGIC_BYTES.join(parts)
@@ -224,7 +232,8 @@ class IndexedRecordReader:
         for path in (self.rec_path, self.idx_path):
             if not path.is_file():
                 raise DataFormatError(f"{path}: file not found")
-        self._offsets = _parse_idx(self.idx_path, self.rec_path.stat().st_size)
+        self._size = self.rec_path.stat().st_size
+        self._offsets = _parse_idx(self.idx_path, self._size)
 
     @property
     def keys(self) -> list[int]:
@@ -249,7 +258,7 @@ class IndexedRecordReader:
         """The payload of record `key` (KeyError if the .idx has no such key)."""
         if key not in self._offsets:
             raise KeyError(f"{self.idx_path}: no record with key {key}")
-        return read_framed_record(self._file(), self._offsets[key], self.place(key))
+        return read_framed_record(self._file(), self._offsets[key], self.place(key), self._size)
 
     def _file(self) -> BinaryIO:
         """This process's handle: a forked child must not share (and seek) its parent's file offset."""

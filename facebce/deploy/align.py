@@ -412,8 +412,9 @@ def _align_file(path: Path, rel: Path, dst_root: Path, aligner: FaceAligner, jpe
         dets = aligner.candidates(img)
         faces = aligner.align_detections(img, dets)
     except (FacebceError, cv2.error) as e:  # a photo too odd to detect on: report it, go on
-        return AlignRecord(rel.as_posix(), "unusable", 0, None, reason=f"{img.shape[1]}x{img.shape[0]}: "
-                           + _reason(e, "image"))
+        reason, size = _reason(e, "image"), f"{img.shape[1]}x{img.shape[0]}"
+        reason = reason if size in reason else f"{size}: {reason}"
+        return AlignRecord(rel.as_posix(), "unusable", 0, None, reason=reason)
     if not faces:
         return AlignRecord(rel.as_posix(), "no_face", len(dets), None)
     outputs = []
