@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from facebce.data.transforms import decode_image
 from facebce.errors import DataFormatError
+from facebce.fileio import atomic_open
 
 BIN_IMAGE_SIZE = 112
 _PROGRESS_MIN_IMAGES = 1000  # below this a progress bar is noise
@@ -354,16 +355,13 @@ def save_bin(path: str | os.PathLike, images: Sequence[bytes | np.ndarray], issa
     """Write a .bin that needs no pickle globals: protocol 4, `bytes` images, Python `bool` labels.
 
     Equal images are written once (the pickle memo then refers back), as in the original files.
-    The file is written beside `path` and renamed over it, so readers never see half a file.
+    Written through `facebce.fileio.atomic_open` (temp file, fsync, rename): readers never see half a file.
     """
     path = Path(path)
     out_images, labels = _checked(images, issame, str(path))
     distinct: dict[bytes, bytes] = {}
     out_images = [distinct.setdefault(img, img) for img in out_images]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump((out_images, [bool(x) for x in labels]), f, protocol=4)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if path.is_dir():
+        raise DataFormatError(f"{path}: is a folder, expected a .bin file path")
+    with atomic_open(path, "wb") as f:
+        pickle.dump((out_images, [bool(x) for x in labels]), f, protocol=4)
