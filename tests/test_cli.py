@@ -142,9 +142,22 @@ def test_train_then_eval_export_gallery_from_the_run_folder(tmp_path, capsys):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["threshold"]["value"] == pytest.approx(card["threshold"])
 
+    # the head's b/γ is recorded as what it is (a class-centre threshold), never as the pair threshold
     assert main(["export", str(run), str(tmp_path / "m.onnx")]) == 0
-    assert f"head bce_u_norm, bias {card['bias']:.4f}, threshold {card['threshold']:.4f})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"head bce_u_norm, bias {card['bias']!r})" in out
+    assert f"learned_threshold {card['threshold']:.4f} (the head's b/γ" in out and "no pair threshold recorded" in out
+    from facebce.models.embedder import OnnxEmbedder
+    emb = OnnxEmbedder(tmp_path / "m.onnx")
+    assert emb.threshold is None and emb.learned_threshold == pytest.approx(card["threshold"])
+    assert emb.metadata["learned_threshold_kind"] == "class_centre" and "threshold_source" not in emb.metadata
+    # a pair threshold is recorded only when given, with its source
+    assert main(["export", "--threshold", "0.43", str(run), str(tmp_path / "m.onnx")]) == 0
+    assert "threshold 0.4300 (pair threshold, user)" in capsys.readouterr().out
+    emb = OnnxEmbedder(tmp_path / "m.onnx")
+    assert emb.threshold == 0.43 and emb.metadata["threshold_source"] == "user"
+    assert emb.learned_threshold == pytest.approx(card["threshold"])
     g = str(tmp_path / "g.faiss")
     assert main(["gallery", "build", g, str(tmp_path / "s" / "images"), "--model", str(tmp_path / "m.onnx")]) == 0
     assert main(["gallery", "info", g]) == 0
-    assert f"threshold: {card['threshold']}" in capsys.readouterr().out
+    assert "threshold: 0.43" in capsys.readouterr().out
