@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -307,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("facebce: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `facebce eval --list | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")
+        return 141
     return 0
 
 

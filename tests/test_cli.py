@@ -145,7 +145,7 @@ def test_train_then_eval_export_gallery_from_the_run_folder(tmp_path, capsys):
     # the head's b/γ is recorded as what it is (a class-centre threshold), never as the pair threshold
     assert main(["export", str(run), str(tmp_path / "m.onnx")]) == 0
     out = capsys.readouterr().out
-    assert f"head bce_u_norm, bias {card['bias']!r})" in out
+    assert f"head bce_u_norm, bias {card['bias']:.4f})" in out
     assert f"learned_threshold {card['threshold']:.4f} (the head's b/γ" in out and "no pair threshold recorded" in out
     from facebce.models.embedder import OnnxEmbedder
     emb = OnnxEmbedder(tmp_path / "m.onnx")

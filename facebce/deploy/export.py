@@ -95,7 +95,8 @@ class ExportReport:
         """What `facebce export` prints: the files, their parity, and which thresholds were recorded."""
         m = self.metadata
         lines = [f"exported {m.get('backbone')} -> {self.path} (opset {self.opset}, dynamic batch {self.dynamic_batch}"
-                 + "".join(f", {k} {m[k]}" for k in ("head", "bias") if k in m) + ")"]
+                 + (f", head {m['head']}" if "head" in m else "")
+                 + (f", bias {float(m['bias']):.4f}" if "bias" in m else "") + ")"]
         if META_LEARNED_THRESHOLD in m:
             lines.append(f"  learned_threshold {float(m[META_LEARNED_THRESHOLD]):.4f} (the head's b/γ: a "
                          f"{m.get(META_LEARNED_KIND, LEARNED_KIND_CLASS_CENTRE).replace('_', '-')} threshold, "
