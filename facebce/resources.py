@@ -73,5 +73,5 @@ def resolve_base(base: str, recipe: Path) -> Path:
     shipped = shipped_file("recipes", base)
     if shipped is not None:
         return shipped
-    raise ConfigError(f"base: {base!r} in {recipe}: no such file beside the recipe ({local}) "
-                      "nor a shipped recipe of that name")
+    raise ConfigError(f"base: {base!r} in {recipe}: not found beside the recipe ({local}) "
+                      "nor among the shipped recipes")

@@ -60,5 +60,5 @@ def test_user_recipe_base_beside_it_else_shipped(tmp_path):
     assert (cfg.steps, cfg.optim.lr) == (7, 0.0123)
     assert resolve_base("base.yaml", far / "sub" / "child.yaml") == shipped_file("recipes", "base")
     (far / "bad.yaml").write_text("base: missing.yaml\n")
-    with pytest.raises(ConfigError, match=r"^base: 'missing\.yaml' in .*bad\.yaml: no such file beside the recipe"):
+    with pytest.raises(ConfigError, match=r"^base: 'missing\.yaml' in .*bad\.yaml: not found beside the recipe"):
         load_config(far / "bad.yaml")
