@@ -128,7 +128,8 @@ def _model_spec(args):
 
 def _cmd_export(args) -> None:
     from facebce.deploy.export import export_run, threshold_option
-    threshold, provenance = (None, None) if args.threshold is None else threshold_option(args.threshold)
+    threshold, provenance = ((None, None) if args.threshold is None
+                             else threshold_option(args.threshold, model=args.model, arch=args.arch))
     report = export_run(args.model, args.out, arch=args.arch, embedding_size=args.embedding_size, threshold=threshold,
                         threshold_provenance=provenance, head=args.head, bias=args.bias,
                         variants=[v for v in args.variants.split(",") if v], opset=args.opset,

@@ -284,3 +284,36 @@ def test_cli_calibrate_then_eval_with_the_artifact(bins, tmp_path, capsys):
     assert "checksum mismatch" in capsys.readouterr().err
     assert main(["calibrate", str(model), *sets, *common, "--target-far", "0", "--out", str(out)]) == 1
     assert "must lie strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_round_trip_through_export_metadata(tmp_path):
+    """calib.json -> `facebce export --threshold calibrated:` -> the ONNX metadata a gallery reads back."""
+    import hashlib
+
+    from facebce.deploy.export import export_onnx, threshold_option
+    from facebce.eval.model_loading import file_digest
+    from facebce.models.embedder import OnnxEmbedder
+    from tests.deploy.test_export import Tiny
+
+    weights = tmp_path / "run.pth"
+    weights.write_bytes(b"the exported model's weights")
+    cal = C.calibrate_scored(_two_sets(), 1e-2, replicates=100,
+                             model={"digest": file_digest(weights), "path": "run.pth"})
+    path = C.write_calibration(cal, tmp_path / "calib.json", report=False)
+    value, provenance = threshold_option(f"calibrated:{path}", model=weights, arch="mbf")
+    assert value == cal.threshold and provenance["ci"] == tuple(cal.threshold_ci)
+    report = export_onnx(Tiny(), tmp_path / "m.onnx", metadata={"threshold": value}, threshold_provenance=provenance)
+    emb = OnnxEmbedder(report.path)
+    assert emb.threshold == cal.threshold
+    meta = emb.metadata
+    assert meta["threshold_source"] == "calibrated" and float(meta["threshold_target_far"]) == 1e-2
+    assert json.loads(meta["threshold_ci"]) == list(cal.threshold_ci)
+    assert meta["threshold_calibration"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    other = tmp_path / "other.pth"
+    other.write_bytes(b"another model")
+    with pytest.raises(ModelError, match="calibrated with another model"):
+        threshold_option(f"calibrated:{path}", model=other, arch="mbf")
+    no_ci = C.write_calibration(C.calibrate_scored(_two_sets(), 1e-2, replicates=0, model={"digest": "z"}),
+                                tmp_path / "no_ci.json", report=False)
+    with pytest.raises(ConfigError, match="no bootstrap interval"):
+        threshold_option(f"calibrated:{no_ci}")
