@@ -739,7 +739,7 @@ def plot_far_curves(cal: Calibration, sets: Sequence[ScoredSet], path: str | os.
     ax.set_xlabel("threshold (accept iff cosine > t)")
     ax.set_ylabel("FAR")
     ax.set_title(f"FAR vs threshold; calibrated on {' + '.join(cal.calibrated_on)}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
     buf = io.BytesIO()
     fig.tight_layout()
