@@ -144,8 +144,9 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
         raise ConfigError(f"tar_mode={tar_mode!r}: expected one of {', '.join(TAR_MODES)}")
     resolved = _resolve_protocols(protocols, protocol_paths)
     pair_sets = [(p, path) for p, path in resolved if p.kind in PAIR_KINDS]
-    parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias,
-                             model_digest=file_digest(model.weights_file) if isinstance(model, ModelSpec) else None)
+    calibrated = str(threshold).strip().startswith("calibrated:") and isinstance(model, ModelSpec)
+    parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias,  # .key: one-line errors first
+                             model_digest=model.key and file_digest(model.weights_file) if calibrated else None)
     source = EmbeddingSource(model, flip=flip, cache_dir=cache_dir, model_name=model_name, progress=progress)
     folders = [(p, path, load_open_set_folder(p, path)) for p, path in resolved if p.kind == OPEN_SET_KIND]
     classify = _classification_set(resolved, model, uniform)
