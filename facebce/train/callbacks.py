@@ -342,7 +342,7 @@ class ClassificationVal(Periodic):
 
     def run(self, trainer) -> None:
         from facebce.eval.model_loading import class_scores  # facebce.eval's exact head scoring
-        from facebce.eval.runner import uniform_section
+        from facebce.eval.uniform import uniform_section
 
         self.last_step = trainer.step
         centres = class_centres(trainer) if score_kind(trainer) is not None else None  # a collective
