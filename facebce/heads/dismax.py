@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facebce.heads.base import Head, HeadOutput, as_loss_dtype, match_dtype, check_bool, check_choice, check_number
+from facebce.heads.base import Head, HeadOutput, as_loss_dtype, match_dtype
+from facebce.heads.checks import check_bool, check_choice, check_number
+from facebce.heads.registry import register_head
 from facebce.heads.softmax import softmax_cross_entropy
 
 OOD_SCORES = ("MPS", "ES", "MDS", "MMLS", "MMLES", "MMLEPS")
@@ -78,6 +80,7 @@ def fpr_kl(logits: Tensor, labels: Tensor) -> Tensor:
     return (0.25 * (torch.log(0.25 * counts) - logq_src)).sum(dim=1).mean()
 
 
+@register_head("dismax")
 class DisMaxHead(Head):
     """`dismax`: prototypes N(0, 1); learnable distance scale d_s (init 1, used as |d_s|); temperature
     T (buffer, 1 while training); entropic scale E = 10.  `scores(z)` are the logits L (DisMax has no

@@ -40,10 +40,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from facebce.errors import ConfigError
-from facebce.heads import check_config, head_class
 from facebce.heads._dist import all_gather_nograd, all_gather_rows, all_reduce_, resolve_group, sum_grad_across_ranks
-from facebce.heads.base import ClassCentreHead, HeadOutput, check_bool, check_number
+from facebce.heads.base import ClassCentreHead, HeadOutput
 from facebce.heads.bce import BCEHead
+from facebce.heads.checks import check_bool, check_number
+from facebce.heads.registry import check_config, head_class
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -10,8 +10,10 @@ from torch.autograd.function import once_differentiable
 
 from facebce.errors import ConfigError
 from facebce.heads._dist import all_reduce_, all_reduce_max_
-from facebce.heads.base import ClassCentreHead, check_choice
+from facebce.heads.base import ClassCentreHead
+from facebce.heads.checks import check_choice
 from facebce.heads.margins import MARGIN_KEYS, margin_from_config
+from facebce.heads.registry import register_head
 
 
 class _ShardedSoftmaxCE(Function):
@@ -69,6 +71,7 @@ class _SoftmaxLoss:
         return _ShardedSoftmaxCE.apply(logits, rows, cols, denom, group)
 
 
+@register_head("softmax")
 class SoftmaxHead(_SoftmaxLoss, ClassCentreHead):
     """`softmax`: linear `l_j = w_j·z − b_j` (nn.Linear with β = −b; nn.Linear's default init)."""
 
@@ -82,6 +85,7 @@ class SoftmaxHead(_SoftmaxLoss, ClassCentreHead):
                          bias_init=bias_init, _total_classes=_total_classes)
 
 
+@register_head("softmax_norm")
 class NormSoftmaxHead(_SoftmaxLoss, ClassCentreHead):
     """`softmax_norm`: `l_j = s·c_j − b_j` with `bias` none (soft-n), unified (-nu: b cancels in the
     softmax, gets zero gradient and stays at `bias_init`; kept for API symmetry) or per_class (-nd).

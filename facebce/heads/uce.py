@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Union
 
-from facebce.heads.base import check_number
 from facebce.heads.bce import BCEUNormHead
+from facebce.heads.checks import check_number
+from facebce.heads.registry import register_head
 
 
+@register_head("uce")
 class UCEHead(BCEUNormHead):
     """`uce`; `threshold` = b/s.  `clamp=True` reproduces UniFace's clamp of both softplus arguments
     to [−s, s]; `neg_weight` is UniFace's `l` (λ); the per-class-bias variant is bce_d_norm with
