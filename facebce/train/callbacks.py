@@ -1,4 +1,4 @@
-"""Training hooks: progress bar, metrics files, checkpoints and periodic verification.
+"""Training hooks: progress bar, metrics files, checkpoints, the run's model files and periodic verification.
 
 A callback sees the `Trainer` after each optimizer step (`trainer.step` steps done). Values a
 callback wants in the metrics files go through `trainer.log(key=value)`; `MetricsLogger` (last in
@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -20,6 +19,7 @@ from tqdm import tqdm
 
 from facebce.data.verification_bin import load_bin
 from facebce.eval import accuracy_at_threshold, best_threshold, ten_fold
+from facebce.fileio import atomic_write_text
 from facebce.heads.base import ClassCentreHead
 from facebce.models.embedder import TorchEmbedder
 from facebce.train import checkpoint as ckpt
@@ -169,8 +169,7 @@ class Periodic(Callback):
 
 
 class Checkpointer(Periodic):
-    """Atomic checkpoint every `every_steps` steps and at the end; keeps the newest `keep`.
-    Also writes `backbone.pth` (a plain state_dict, insightface layout) at the end."""
+    """Atomic checkpoint every `every_steps` steps and at the end; keeps the newest `keep`."""
 
     def __init__(self, folder: Path, every_steps: int, keep: int):
         self.folder, self.every_steps, self.keep = Path(folder), every_steps, keep
@@ -186,8 +185,13 @@ class Checkpointer(Periodic):
 
     run = save
 
+
+class ModelFiles(Callback):
+    """At the end of a run, the files evaluation, export and deployment read (runs after the
+    Checkpointer): `backbone.pth` (a plain state_dict, insightface layout), the class centres and
+    per-class thresholds when the head scores by centres, and the model card `model.json`."""
+
     def on_train_end(self, trainer):
-        super().on_train_end(trainer)  # the final checkpoint, unless the last step wrote it
         centres = class_centres(trainer)  # a collective (gathers the head's rows): every rank
         if trainer.is_main:
             state = {k: v.detach().cpu() for k, v in trainer.backbone.state_dict().items()}
@@ -238,7 +242,7 @@ def model_card(trainer) -> dict:
     """What evaluation and export need to rebuild the backbone and know its learned threshold,
     without importing the training code: architecture, options, head, bias b and threshold; and for
     closed-set evaluation how the head scores its classes (`scores`: cosine | linear | null), the
-    number of classes and the centres file (written beside it by `Checkpointer` when `scores` is set)."""
+    number of classes and the centres file (written beside it by `ModelFiles` when `scores` is set)."""
     m, head = trainer.cfg.model, trainer.head
     bias = getattr(head, "bias", None)
     kind = score_kind(trainer)
@@ -251,9 +255,7 @@ def model_card(trainer) -> dict:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 class Verification(Periodic):
@@ -299,7 +301,8 @@ class Verification(Periodic):
             tf = ten_fold(e1, e2, issame)
             best = best_threshold(scores, issame)
             r = {"acc": tf.accuracy, "acc_std": tf.std, "best_acc": best.accuracy, "best_threshold": best.threshold}
-            line = f"{name}: 10-fold {tf.accuracy:.4f}±{tf.std:.4f}, best global cos>{best.threshold:.3f} {best.accuracy:.4f}"
+            line = (f"{name}: 10-fold {tf.accuracy:.4f}±{tf.std:.4f}, "
+                    f"best global cos>{best.threshold:.3f} {best.accuracy:.4f}")
             if threshold is not None:
                 at = accuracy_at_threshold(scores, issame, threshold)
                 r.update(learned_acc=at.accuracy, learned_tar=at.tar, learned_far=at.far)
