@@ -1,6 +1,6 @@
 """Pure-Python MXNet RecordIO: framing (.rec), index (.idx), IRHeader image records, and a packer.
 
-Byte layout follows formats.md §1-3 (dmlc-core recordio + mxnet/recordio.py + insightface
+Byte layout follows docs/formats.md §1-3 (dmlc-core recordio + mxnet/recordio.py + insightface
 face2rec2), so packs written by real mxnet read here and packs written here read in mxnet.
 """
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""LFW-style 10-fold verification, the numbers insightface's eval/verification.py prints (metrics.md §2).
+"""LFW-style 10-fold verification, the numbers insightface's eval/verification.py prints (docs/metrics.md §2).
 
 Same folds (contiguous, the first P mod 10 one pair longer), same grids, strict `dist < thr`, first
 argmax, population std: identical floats. What differs is speed: each pair is binned once against the
 grid and cumulative counts give every threshold's confusion counts for every fold, instead of one
-boolean pass per threshold. One deviation, as metrics.md §2.7 rules: VAL@FAR interpolates with
+boolean pass per threshold. One deviation, as docs/metrics.md §2.7 rules: VAL@FAR interpolates with
 `np.interp` after keeping the first (smallest) threshold of each distinct train FAR, where the
 original's `interp1d(kind='slinear')` raises on the duplicate FARs on SciPy >= 1.9.
 
@@ -142,7 +142,7 @@ def _exact_threshold(dist: np.ndarray, same: np.ndarray) -> float:
 
 
 def _val_far(dist, same, fold, bounds, n_same, n_diff, far_target) -> tuple[np.ndarray, np.ndarray]:
-    """Per-fold VAL and FAR (metrics.md §2.7); NaN for a fold with no same or no different test pair."""
+    """Per-fold VAL and FAR (docs/metrics.md §2.7); NaN for a fold with no same or no different test pair."""
     _, fp = _accepted_per_fold(dist, same, fold, bounds.size - 1, VAL_THRESHOLDS)
     with np.errstate(invalid="ignore", divide="ignore"):
         far_train = _train(fp) / _train(n_diff)[:, None]

@@ -1,4 +1,4 @@
-"""Average-K two-head loss (heads.md §6; Garcin et al., arXiv 2303.18118).
+"""Average-K two-head loss (docs/heads.md §6; Garcin et al., arXiv 2303.18118).
 
 Head 1: softmax logits `u = W1 z − b1`, trained with CE.  Head 2: N sigmoid logits `v = W2 z − b2`,
 trained with BCE against per-batch pseudo-labels from thresholding the detached softmax of head 1

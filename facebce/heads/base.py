@@ -1,6 +1,6 @@
 """What every head shares: the output record, config validation, and the class-centre base.
 
-Conventions (heads.md §0): scores are bias-free (`w_j·z`, or `cos θ_j` for normalised heads); biases
+Conventions (docs/heads.md §0): scores are bias-free (`w_j·z`, or `cos θ_j` for normalised heads); biases
 are thresholds and are *subtracted* (`logit = scale·score − b`); losses are computed in fp32 (or the
 module's dtype when it is float64) and reduced as a per-sample sum over classes, mean over the batch.
 """
@@ -25,7 +25,7 @@ class HeadOutput:
     """One training step's result.
 
     `loss`: scalar (fp32 under normal use). `logits`: inference logits `scale·score − b` (no margin,
-    no filtering), detached. `scores`: bias-free scores (heads.md §0), detached — what metrics.md takes.
+    no filtering), detached. `scores`: bias-free scores (docs/heads.md §0), detached — what docs/metrics.md takes.
     `bias`: the head's bias (threshold convention) detached, or None. `extras`: head-specific values
     (e.g. DisMax's OOD score, Average-K's multi-label logits, Partial-FC's sampled class ids).
     """

@@ -1,4 +1,4 @@
-"""BCE-U / BCE-D heads (heads.md §2), linear and normalised, and the BCE loss they (and UCE) share.
+"""BCE-U / BCE-D heads (docs/heads.md §2), linear and normalised, and the BCE loss they (and UCE) share.
 
 Loss per sample: `softplus(b_y − γc'_y) + λ Σ_{j≠y} softplus(γc_j − b_j)` (γ = 1 and c = s for the
 linear heads; c' = margin-modified target cosine), summed over classes, averaged over the batch.

@@ -1,4 +1,4 @@
-"""DisMax (heads.md §5; Macêdo et al., dlmacedo/distinction-maximization-loss `losses/dismax.py`).
+"""DisMax (docs/heads.md §5; Macêdo et al., dlmacedo/distinction-maximization-loss `losses/dismax.py`).
 
 Isometric distances `D_j = |d_s|·‖ẑ − p̂_j‖/√2` to every prototype; logits
 `L_j = −(D_j + mean_k D_k)/T`; training loss `−log softmax(E·L)_y` (E = 10), optionally with

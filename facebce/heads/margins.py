@@ -1,4 +1,4 @@
-"""Margins for normalised heads (heads.md §3): they change only the target cosine `c_y`.
+"""Margins for normalised heads (docs/heads.md §3): they change only the target cosine `c_y`.
 
 `Margin.target(c)` maps the target cosines; `Margin.filter(cos, rows, cols)` applies arcface_torch's
 interclass filtering (non-target cosines above τ become 0, with zero gradient) when τ > 0.

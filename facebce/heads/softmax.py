@@ -1,4 +1,4 @@
-"""SoftMax heads (heads.md §1) and the softmax cross-entropy that also runs across Partial-FC shards."""
+"""SoftMax heads (docs/heads.md §1) and the softmax cross-entropy that also runs across Partial-FC shards."""
 from __future__ import annotations
 
 from typing import Any
@@ -17,7 +17,7 @@ from facebce.heads.registry import register_head
 
 
 class _ShardedSoftmaxCE(Function):
-    """Softmax CE over columns split across ranks (heads.md §7), exact on one process too.
+    """Softmax CE over columns split across ranks (docs/heads.md §7), exact on one process too.
 
     Reductions: MAX of the row maxima, SUM of the exp-sums and SUM of the target logit (owned by one
     rank; label −1 elsewhere).  Loss `Σ_rows (log Σ exp(l − M) + M − l_y) / denom` — the target

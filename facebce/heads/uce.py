@@ -1,4 +1,4 @@
-"""UniFace's unified cross-entropy (heads.md §4; CVI-SZU/UniFace `head.py`).
+"""UniFace's unified cross-entropy (docs/heads.md §4; CVI-SZU/UniFace `head.py`).
 
 `L = softplus(b − s(c_y − m)) + λ Σ_{j≠y} softplus(s c_j − b)`: bce_u_norm with a CosFace margin and
 UniFace's defaults (s = 64, m = 0.4, λ = 1, b0 = ln(10·r·N), Kaiming-normal centres).  The formula

@@ -7,7 +7,7 @@ model expects (channel order, mean/std on 0..255 pixels, NCHW float32).
 
 An ONNX file's preprocessing comes from, in order: the `preprocess=` argument, facebce's metadata
 keys (written by `facebce.deploy.export_onnx`), else insightface model_zoo's node-name rule
-(formats.md §7), so that any arcface_torch / insightface model runs as insightface runs it.
+(docs/formats.md §7), so that any arcface_torch / insightface model runs as insightface runs it.
 """
 from __future__ import annotations
 

@@ -320,7 +320,7 @@ class ClassificationVal(Periodic):
 
     Embeds them as the head sees a batch (eval mode, no flip, no L2 normalisation), scores them
     against the current class centres as the head's bias-free `scores()` do, and logs the BCE
-    paper's uniform-classification figures (metrics.md §1): `val/sw_acc`, `val/uni_acc`,
+    paper's uniform-classification figures (docs/metrics.md §1): `val/sw_acc`, `val/uni_acc`,
     `val/t_star`, the learned threshold `val/bias` (b or b/γ) and `val/bias_gap` (= bias − t*), and
     class-wise accuracy with optimised (`val/cw_opt_acc`) and learned (`val/cw_learned_acc`) thresholds.
     """

@@ -1,4 +1,4 @@
-"""RecordIO framing, IRHeader records, the indexed writer/reader and pack_image_folder (formats.md §1-3)."""
+"""RecordIO framing, IRHeader records, the indexed writer/reader and pack_image_folder (docs/formats.md §1-3)."""
 from __future__ import annotations
 
 import os

@@ -5,7 +5,7 @@ Copyright (c) 2016 David Sandberg; adapted by the insightface authors): calculat
 calculate_accuracy, calculate_val, calculate_val_far, LFold and evaluate, without the PCA branch and the
 mxnet/torch model code. One change, marked below: interp1d(kind='slinear') raises on the duplicate
 FAR values every real curve has (SciPy >= 1.9), so the FAR -> threshold curve keeps the first
-threshold of each distinct FAR (metrics.md §2.7) and is read with np.interp, or with the original
+threshold of each distinct FAR (docs/metrics.md §2.7) and is read with np.interp, or with the original
 interp1d when `scipy_interp=True` (same numbers on de-duplicated points).
 """
 import numpy as np
@@ -86,7 +86,7 @@ def calculate_val(thresholds, dist, actual_issame, far_target, nrof_folds=10, sc
         for threshold_idx, threshold in enumerate(thresholds):
             _, far_train[threshold_idx] = calculate_val_far(threshold, dist[train_set], actual_issame[train_set])
         if np.max(far_train) >= far_target:
-            # CHANGED (metrics.md §2.7): was interpolate.interp1d(far_train, thresholds, kind='slinear')
+            # CHANGED (docs/metrics.md §2.7): was interpolate.interp1d(far_train, thresholds, kind='slinear')
             fars, first = np.unique(far_train, return_index=True)
             if scipy_interp:
                 threshold = interpolate.interp1d(fars, thresholds[first], kind='slinear')(far_target)

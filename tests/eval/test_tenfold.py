@@ -38,7 +38,7 @@ def _assert_same_val(r, d, same, n_folds=10, scipy_interp=False):
 
 
 def test_metrics_md_toy_case_strict_less():
-    # metrics.md §2: best train accuracy 1.0 at 0.91; 0.90 fails because 0.9 < 0.9 is false.
+    # docs/metrics.md §2: best train accuracy 1.0 at 0.91; 0.90 fails because 0.9 < 0.9 is false.
     d, same = np.array([0.5, 1.5, 0.9, 2.5]), np.array([True, False, True, False])
     r = ten_fold_from_distances(d, same, n_folds=1)  # one fold trains and tests on all pairs (LFold(1))
     assert ACCURACY_THRESHOLDS[90] == 0.9
@@ -72,7 +72,7 @@ def test_accuracy_and_roc_identical_to_insightface(kind, n, seed):
                                                       ("rounded", 1003, 9, False), ("normal", 800, 12, True)])
 def test_val_far_identical_to_insightface(kind, n, seed, scipy_interp):
     # scipy_interp: the original interp1d(kind='slinear') on the de-duplicated curve gives the same numbers,
-    # so the de-duplication (metrics.md §2.7) is the only deviation.
+    # so the de-duplication (docs/metrics.md §2.7) is the only deviation.
     d, same = _pairs(kind, n, seed)
     _assert_same_val(ten_fold_from_distances(d, same), d, same, scipy_interp=scipy_interp)
 
