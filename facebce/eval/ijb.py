@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -33,6 +32,7 @@ from facebce.eval.identification import operating_point
 from facebce.eval.protocols import Protocol, get_protocol
 from facebce.eval.roc import DEFAULT_TAR_MODE, FAR_TARGETS, Roc, TarAtFar
 from facebce.eval.verification import ThresholdResult, accuracy_at_threshold
+from facebce.fileio import read_bgr
 
 FLIP_MODES = ("sum", "concat", "none")
 PARITY_TAR_MODE = "insightface"  # eval_ijbc.py's reading, always reported beside the chosen mode
@@ -284,9 +284,7 @@ def embed_ijb(meta: IjbMeta, embedder, align: Callable[[np.ndarray, np.ndarray],
 
 def _aligned(meta: IjbMeta, i: int, align) -> np.ndarray:
     path = meta.image_dir / str(meta.image_names[i])
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataFormatError(f"{path}: image missing or not decodable (row {i + 1} of the meta files)")
+    img = read_bgr(path)  # one-line DataFormatError naming the file when it is missing or not an image
     crop = np.asarray(align(img, meta.landmarks[i]))
     if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
         raise ConfigError(f"align returned {crop.dtype} {crop.shape} for {path}, expected a uint8 HxWx3 BGR crop")
