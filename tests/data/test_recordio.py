@@ -9,8 +9,9 @@ import struct
 import numpy as np
 import pytest
 
+from facebce.data.pack import pack_image_folder
 from facebce.data.recordio import (MAGIC, IndexedRecordReader, IRHeader, RecordIOWriter, frame_record,
-                                   pack_image_folder, pack_image_record, unpack_image_record)
+                                   pack_image_record, unpack_image_record)
 from facebce.errors import DataFormatError
 from tests.data.test_image_folder import make_image_folder
 
