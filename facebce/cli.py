@@ -8,10 +8,6 @@ from pathlib import Path
 from facebce import __version__
 from facebce.errors import FacebceError
 
-# Subcommands that later milestones own; they answer clearly instead of pretending.
-PLANNED: dict[str, str] = {}
-
-
 def _cmd_data_synth(args) -> None:
     from facebce.data.tools import synthesize
     print(synthesize(args.out, identities=args.identities, images=args.images, seed=args.seed,
@@ -36,14 +32,6 @@ def _cmd_models(args) -> None:
         print(f"{row['name']:6} {row['class']:14} {row['parameters']:>12,}")
 
 
-def _floats(text: str | None):
-    """'127.5' -> 127.5; '123.675,116.28,103.53' -> a per-channel tuple."""
-    if text is None:
-        return None
-    values = tuple(float(v) for v in text.split(","))
-    return values[0] if len(values) == 1 else values
-
-
 def _cmd_eval(args) -> None:
     from facebce.eval.protocols import describe_protocols
     from facebce.eval.report import to_markdown
@@ -60,11 +48,8 @@ def _cmd_eval(args) -> None:
     if not sets:
         raise FacebceError("no evaluation sets given: add PROTOCOL=PATH arguments (see --list)")
     model = None if args.model == "-" else _model_spec(args)
-    bias = args.bias
-    if bias is None and model is not None and model.learned_threshold is not None:
-        bias = model.learned_threshold  # a training run's b/γ: usable as --threshold bias
     from facebce.deploy.align import norm_crop  # IJB crops are aligned on the fly
-    report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=bias,
+    report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=args.bias,
                       cache_dir=args.cache, out_dir=args.out, tar_mode=args.tar_mode,
                       model_name=args.model_name, protocol_paths=args.protocols, align=norm_crop)
     print(to_markdown(report))
@@ -91,8 +76,10 @@ def _cmd_train(args) -> None:
 
 def _model_spec(args):
     from facebce.eval.model_loading import ModelSpec
+    from facebce.models.embedder import parse_channel_values
     return ModelSpec(args.model, arch=args.arch, embedding_size=args.embedding_size, color=args.color,
-                     mean=_floats(args.mean), std=_floats(args.std), batch_size=args.batch_size)
+                     mean=parse_channel_values(args.mean, "--mean"), std=parse_channel_values(args.std, "--std"),
+                     batch_size=args.batch_size)
 
 
 def _cmd_export(args) -> None:
@@ -100,7 +87,7 @@ def _cmd_export(args) -> None:
     from facebce.eval.model_loading import ModelSpec, read_model_card
     spec = ModelSpec(args.model, arch=args.arch, embedding_size=args.embedding_size)
     model = spec.backbone()
-    card = read_model_card(spec.path) if spec.path.is_dir() else {}
+    card = read_model_card(spec.path).to_dict() if spec.path.is_dir() else {}
     parity = None
     if args.parity_bin:
         from facebce.data.verification_bin import load_bin
@@ -170,12 +157,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-flip", action="store_true", help="do not add the horizontally flipped embedding")
 
 
-def _planned(name):
-    def run(args) -> None:
-        raise FacebceError(f"'facebce {name}' is not yet available in facebce {__version__}")
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="facebce", description=(
         "Open-set face recognition at a single global threshold: train, evaluate, deploy."))
@@ -236,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     x = sub.add_parser("export", help="export a backbone to ONNX (parity-checked, insightface-loadable)")
-    x.add_argument("model", help="a facebce training run folder, or an insightface-layout state_dict (.pth) with --arch")
+    x.add_argument("model",
+                   help="a facebce training run folder, or an insightface-layout state_dict (.pth) with --arch")
     x.add_argument("out", help="output .onnx path")
     x.add_argument("--arch", help="backbone name (r18 r34 r50 r100 r200 mbf)")
     x.add_argument("--embedding-size", type=int, default=512)
@@ -275,10 +257,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--min-score", type=float)
     a.set_defaults(func=_cmd_align)
 
-    for name, help_text in PLANNED.items():
-        q = sub.add_parser(name, help=f"{help_text} (not yet available)")
-        q.add_argument("rest", nargs=argparse.REMAINDER)
-        q.set_defaults(func=_planned(name))
     return p
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from facebce.errors import FacebceError
 from facebce.eval.roc import Roc
 from facebce.eval.runner import EvalReport
 from facebce.eval.tenfold import ACCURACY_THRESHOLDS, VAL_FAR_TARGET
@@ -200,7 +201,8 @@ def plot_roc(report: EvalReport, path: Path) -> None:
         keep = fpr > 0
         ax.step(fpr[keep], tpr[keep], where="post", label=name)
     ax.set_xscale("log")
-    ax.set(xlabel="FAR (false accept rate)", ylabel="TAR (true accept rate)", title="ROC — " + report.model.split(",")[0][:60])
+    ax.set(xlabel="FAR (false accept rate)", ylabel="TAR (true accept rate)",
+           title="ROC — " + report.model.split(",")[0][:60])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     _save(fig, path)
@@ -290,12 +292,25 @@ def plot_open_set_histogram(report: EvalReport, o, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` as a report folder: one FacebceError line when it names an existing non-folder
+    (or a path under a file), before anything is computed or written."""
+    out = Path(out_dir)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            what = "the report folder" if p == out else f"a folder on the way to {out}"
+            raise FacebceError(f"{p}: exists and is not a folder; --out / out_dir must name {what}")
+        if p.is_dir():
+            break
+    return out
+
+
 def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md, scores.npz and the PNG plots into `out_dir`; returns name -> path.
 
     Files are made in a temporary folder inside `out_dir`, then each is moved into place.
     """
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".report-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

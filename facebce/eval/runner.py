@@ -39,7 +39,7 @@ from facebce.data.image_folder import scan_image_folder
 from facebce.data.verification_bin import distinct_indices, load_bin
 from facebce.errors import ConfigError, DataFormatError, FacebceError
 from facebce.eval.ijb import IjbResult, evaluate_ijb, embed_ijb, load_ijb
-from facebce.eval.model_loading import ModelSpec, file_digest
+from facebce.eval.model_loading import ModelSpec, file_digest, learned_bias
 from facebce.eval.open_set import GalleryProbeSplit, OpenSetSetResult, evaluate_open_set, split_gallery_probe
 from facebce.eval.protocols import Protocol, get_protocol
 from facebce.eval.roc import DEFAULT_TAR_MODE, FAR_TARGETS, TAR_MODES, Roc, TarAtFar
@@ -142,6 +142,10 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     """
     if tar_mode not in TAR_MODES:
         raise ConfigError(f"tar_mode={tar_mode!r}: expected one of {', '.join(TAR_MODES)}")
+    bias = learned_bias(model, bias)  # a run folder's own b/γ when not given (threshold="bias", uniform gap)
+    if out_dir is not None:
+        from facebce.eval.report import check_out_dir
+        check_out_dir(out_dir)  # refuse a bad --out before any embedding
     resolved = _resolve_protocols(protocols, protocol_paths)
     pair_sets = [(p, path) for p, path in resolved if p.kind in PAIR_KINDS]
     parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias)
@@ -269,7 +273,10 @@ def _load_bin_pairs(path: Path, protocol: Protocol, progress: bool) -> PairImage
 def _load_list_pairs(path: Path, protocol: Protocol) -> PairImages:
     """`path1 path2 label` lines (whitespace or comma separated), images relative to `root`."""
     root = (path.parent / protocol["root"]).resolve()
-    text = path.read_text(encoding="utf-8").splitlines()
+    try:
+        text = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: pairs list is not UTF-8 text (byte {e.start})") from None
     lines = [(i + 1, line) for i, line in enumerate(text) if line.strip() and not line.lstrip().startswith("#")]
     if protocol["header"]:
         lines = lines[1:]
