@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from facebce import __version__
@@ -260,16 +261,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """The API's warnings (a skipped 1:N, sizes that differ from the published ones) as one line each."""
+    print(f"facebce: note: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except FacebceError as e:
-        print(f"facebce: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("facebce: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():
+        warnings.showwarning = _note
+        try:
+            args.func(args)
+        except FacebceError as e:
+            print(f"facebce: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("facebce: interrupted", file=sys.stderr)
+            return 130
     return 0
 
 

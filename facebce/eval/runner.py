@@ -43,7 +43,7 @@ from facebce.eval.model_loading import ModelSpec, file_digest, learned_bias
 from facebce.eval.open_set import GalleryProbeSplit, OpenSetSetResult, evaluate_open_set, split_gallery_probe
 from facebce.eval.protocols import Protocol, get_protocol
 from facebce.eval.roc import DEFAULT_TAR_MODE, FAR_TARGETS, TAR_MODES, Roc, TarAtFar
-from facebce.eval.tenfold import TenFoldResult, ten_fold
+from facebce.eval.tenfold import TenFoldResult, check_fold_count, ten_fold
 from facebce.eval.uniform import (UniformResult, bias_gap, class_wise_accuracy, class_wise_accuracy_opt,
                                   sample_wise_accuracy, uniform_accuracy)
 from facebce.eval.verification import ThresholdResult, accuracy_at_threshold, best_threshold
@@ -156,6 +156,8 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     scored = {}
     for protocol, path in pair_sets:
         pairs = load_pairs(protocol, path, progress=progress)
+        if "ten_fold" in protocol.metrics:  # before any embedding: name the set and the size it needs
+            check_fold_count(pairs.issame.size, protocol["folds"], f"{protocol.name} ({path})")
         emb = source.image_embeddings(protocol.name, pairs)
         scored[protocol.name] = (str(path), pairs.issame, emb)
     global_t = _global_threshold(parsed, {n: (_cosines(e), s) for n, (_, s, e) in scored.items()})
