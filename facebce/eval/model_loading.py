@@ -83,6 +83,7 @@ class ModelSpec:
             card = read_model_card(self.path)
             where = self.path / MODEL_CARD
             try:
+                _check_fits_weights(card, self.path / card.weights)
                 model = build_backbone(card.arch, embedding_size=card.embedding_size, **card.options)
             except ModelError as e:
                 raise ModelError(f"{where}: arch/options: {e}") from None
@@ -163,6 +164,20 @@ def load_classifier(run_dir: str | os.PathLike) -> Classifier:
                              f"expected ({weight.shape[0]},)")
         thresholds = thresholds.double()
     return Classifier(kind, weight, card.threshold, thresholds)
+
+
+def _check_fits_weights(card: ModelCard, weights: Path) -> None:
+    """Build the card's backbone on the meta device (no memory) and refuse it when its parameters
+    could not fit in the weights file: a card may not make facebce allocate more than the file holds."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_backbone(card.arch, embedding_size=card.embedding_size, **card.options)
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = weights.stat().st_size if weights.is_file() else 0
+    if need > size:
+        raise ModelError(f"embedding_size {card.embedding_size} and options {card.options} make a "
+                         f"{card.arch} of {need:,} bytes, but {weights.name} holds only {size:,}")
 
 
 def _tensor_file(file: Path, what: str):

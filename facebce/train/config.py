@@ -20,6 +20,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -368,8 +369,12 @@ def _check_backbone(m: ModelConfig) -> None:
     """Build the backbone on the meta device (no memory): arch and options are checked by the code
     that uses them. A builder refusing a value (TypeError, negative sizes, ...) names the option."""
     def build(options: Mapping) -> None:
-        with torch.device("meta"):
-            build_backbone(m.arch, embedding_size=m.embedding_size, dropout=m.dropout, **options)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch: "Initializing zero-element tensors is a no-op"
+            model = build_backbone(m.arch, embedding_size=m.embedding_size, dropout=m.dropout, **options)
+        empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+        if empty is not None:
+            raise ValueError(f"they make an empty layer ({empty} has no weights)")
 
     try:
         build(m.options)

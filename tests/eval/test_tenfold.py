@@ -188,10 +188,19 @@ def test_the_two_rules_split_on_small_sets_only():
     assert abs(big.val - big.parity.val) < 0.02
 
 
-@pytest.fixture(scope="module")
+_LFW_SUBSET: dict = {}  # embedded once per session (shared_data is a function-scoped fixture)
+
+
+@pytest.fixture
 def lfw_subset_distances(shared_data):
     """mobilefacenet.onnx (ImageNet mean/std, RGB, no flip) on every 10th lfw.bin pair: 600 pairs with
     both classes in every fold (lfw.bin's own order puts 300 genuine pairs first)."""
+    if "d" not in _LFW_SUBSET:
+        _LFW_SUBSET["d"] = _embed_lfw_subset(shared_data)
+    return _LFW_SUBSET["d"]
+
+
+def _embed_lfw_subset(shared_data):
     from facebce.data.verification_bin import load_bin
     from facebce.eval.model_loading import IMAGENET_MEAN, IMAGENET_STD
     from facebce.models.embedder import OnnxEmbedder, Preprocess

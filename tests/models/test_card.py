@@ -178,3 +178,10 @@ def test_wrong_shape_weights_name_their_file(tmp_path):
 def test_card_errors_are_facebce_errors():
     with pytest.raises(FacebceError):
         ModelCard(arch="mbf", embedding_size=-1)
+
+
+@pytest.mark.parametrize("change", [{"embedding_size": 10**9}, {"options": {"scale": 10**5}}])
+def test_card_cannot_make_facebce_allocate_more_than_the_weights_file_holds(tmp_path, change):
+    run = _run_folder(tmp_path / "run", {**OLD_CARD, **change})
+    with pytest.raises(ModelError, match=r"model\.json: arch/options: .* bytes, but backbone\.pth holds only"):
+        ModelSpec(run).backbone()
