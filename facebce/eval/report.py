@@ -111,7 +111,7 @@ def _pairs_table(report: EvalReport) -> list[str]:
         tenfold = f"{_pct(tf.accuracy)} ± {_pct(tf.std)}" if tf else "—"
         val = f"{_pct(tf.val)} ± {_pct(tf.val_std)} (FAR {_pct(tf.far, 3)} %)" if tf else "—"
         parity = tf.parity if tf else None
-        val_if = f"{_pct(parity.val)} ± {_pct(parity.val_std)}" if parity else "—"
+        val_if = f"{_pct(parity.val)} ± {_pct(parity.val_std)} (FAR {_pct(parity.far, 3)} %)" if parity else "—"
         lines.append(f"| {s.name} | {s.n_pairs} | {tenfold} | {val} | {val_if} | {_pct(s.best.accuracy)} "
                      f"| {_num(s.best.threshold)} | {_pct(s.at_global.accuracy)} | {_pct(s.at_global.tar)} "
                      f"| {_pct(s.at_global.far, 3)} |")
