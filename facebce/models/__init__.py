@@ -23,6 +23,9 @@ from facebce.models.mobilefacenet import MobileFaceNet, mobilefacenet
 __all__ = ["IResNet", "MobileFaceNet", "build_backbone", "describe_backbones", "list_backbones",
            "load_insightface_weights", "register_backbone"]
 
+# What a builder raises on an option value it cannot use; build_backbone turns them into one ModelError line.
+BUILD_ERRORS = (TypeError, ValueError, RuntimeError, OverflowError, KeyError, IndexError, ZeroDivisionError,
+                AttributeError, MemoryError)
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _ALIASES: dict[str, str] = {}
 
@@ -61,7 +64,12 @@ def build_backbone(name: str, embedding_size: int = 512, dropout: float = 0.0, *
         inspect.signature(builder).bind(embedding_size=embedding_size, dropout=dropout, **kwargs)
     except TypeError as e:
         raise ModelError(f"backbone {key!r}: bad option(s) {sorted(kwargs)}: {e}") from None
-    return builder(embedding_size=int(embedding_size), dropout=float(dropout), **kwargs)
+    try:
+        return builder(embedding_size=int(embedding_size), dropout=float(dropout), **kwargs)
+    except BUILD_ERRORS as e:  # an option of the right name but an unusable value (a string, a negative size)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:160]
+        raise ModelError(f"backbone {key!r}: options {kwargs} refused by its builder "
+                         f"({type(e).__name__}: {first})") from None
 
 
 register_backbone("r18", "iresnet18")(iresnet18)

@@ -32,7 +32,7 @@ import torch
 from facebce.errors import ConfigError, DataFormatError, FacebceError, ModelError
 from facebce.fileio import load_yaml_file
 from facebce.heads import build_head, check_config, list_heads
-from facebce.models import build_backbone
+from facebce.models import BUILD_ERRORS, build_backbone
 
 DATA_KINDS = ("synthetic", "rec", "folder")
 OPTIMIZERS = ("sgd", "adamw")
@@ -362,7 +362,7 @@ def validate(cfg: TrainConfig) -> None:
     _need(cfg.log.every_steps >= 1, "log.every_steps", f"must be >= 1, got {cfg.log.every_steps}")
 
 
-_BUILD_ERRORS = (TypeError, ValueError, RuntimeError, OverflowError, IndexError, KeyError, ZeroDivisionError)
+_BUILD_ERRORS = BUILD_ERRORS
 
 
 def _check_backbone(m: ModelConfig) -> None:
@@ -378,14 +378,14 @@ def _check_backbone(m: ModelConfig) -> None:
 
     try:
         build(m.options)
-    except ModelError as e:
-        raise ConfigError(f"model: {e}") from None
-    except _BUILD_ERRORS as e:
-        culprit = next((k for k in m.options if _fails(build, {k: m.options[k]})), None)
-        key = f"model.options.{culprit}" if culprit else "model.options"
-        value = m.options[culprit] if culprit else dict(m.options)
-        raise ConfigError(f"{key}: {value!r} is refused by backbone {m.arch!r} "
-                          f"({type(e).__name__}: {_first_line(e)})") from None
+    except (ModelError, *_BUILD_ERRORS) as e:
+        culprit = None
+        if m.options and not _fails(build, {}):  # the arch builds: find the option that does not
+            culprit = next((k for k in m.options if _fails(build, {k: m.options[k]})), None)
+        if culprit is None:
+            raise ConfigError(f"model: {_first_line(e)}") from None
+        raise ConfigError(f"model.options.{culprit}: {m.options[culprit]!r} is refused by backbone {m.arch!r} "
+                          f"({_first_line(e)})") from None
 
 
 def _check_head(h: HeadConfig, embedding_size: int) -> None:

@@ -112,7 +112,7 @@ def test_card_options_the_builder_refuses_name_model_json(tmp_path, options, key
     run = _run_folder(tmp_path / "run", {**OLD_CARD, "options": options})
     with pytest.raises(ModelError) as e:
         ModelSpec(run).backbone()
-    assert "\n" not in str(e.value) and f"{MODEL_CARD}: options" in str(e.value) and key in str(e.value)
+    assert "\n" not in str(e.value) and f"{MODEL_CARD}: arch/options" in str(e.value) and key in str(e.value)
 
 
 def test_cli_eval_of_a_run_with_a_bad_card_is_one_line(tmp_path, capsys):
