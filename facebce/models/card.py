@@ -67,6 +67,11 @@ class ModelCard:
     def __post_init__(self):
         _check_fields(self, "model card")
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """Dict-style read of a field (`card.get("threshold")`), for callers written against the
+        pre-typed card (a plain dict); new code reads the attributes."""
+        return getattr(self, key, default) if key in self.__dataclass_fields__ else default
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON object `write_model_card` writes (format and version first)."""
         d = {"format": CARD_FORMAT, "version": self.version}

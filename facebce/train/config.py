@@ -2,7 +2,7 @@
 
 A recipe is a few lines over a base (arcface_torch style)::
 
-    base: base.yaml            # relative to this file; bases may have bases
+    base: base.yaml            # beside this file, else the shipped one; bases may have bases
     model: {arch: r50}
     head: {name: bce_u_norm, scale: 64, sample_rate: 0.2}
 
@@ -33,6 +33,7 @@ from facebce.errors import ConfigError, DataFormatError, FacebceError, ModelErro
 from facebce.fileio import load_yaml_file
 from facebce.heads import build_head, check_config, list_heads
 from facebce.models import BUILD_ERRORS, build_backbone
+from facebce.resources import recipe_path, resolve_base
 
 DATA_KINDS = ("synthetic", "rec", "folder")
 OPTIMIZERS = ("sgd", "adamw")
@@ -157,7 +158,7 @@ def load_config(path: Union[str, os.PathLike, None] = None, overrides: Optional[
     """Read a recipe (following `base:` links), apply `key.path=value` overrides, validate."""
     raw: dict = {}
     if path is not None:
-        raw = _read_recipe(Path(path), ())
+        raw = _read_recipe(recipe_path(path), ())
     if data is not None:
         raw = merge(raw, _plain(data, "<dict>"))
     for item in overrides or []:
@@ -183,7 +184,7 @@ def _read_recipe(path: Path, chain: tuple) -> dict:
         return doc
     if not isinstance(base, str):
         raise ConfigError(f"base: expected a recipe file name, got {base!r} in {path}")
-    return merge(_read_recipe(path.parent / base, chain + (path,)), doc)
+    return merge(_read_recipe(resolve_base(base, path), chain + (path,)), doc)
 
 
 def _plain(doc: Any, where: str) -> dict:
