@@ -115,7 +115,13 @@ def load_ijb(path: str | os.PathLike, protocol: str | Protocol = "ijbc", *, chec
     known = np.unique(templates)
     _check_known(pairs.ravel(), known, meta / files["pairs"])
     galleries, probes = {}, None
-    if files["galleries"]:
+    one_to_n = [*files["galleries"], files["probes"]] if files["galleries"] else []
+    missing = [f for f in one_to_n if f and not (meta / f).is_file()]
+    if missing:  # eval_ijbc.py needs only the three 1:1 files: run 1:1, skip 1:N with a note
+        warnings.warn(f"{meta}: {protocol.name} 1:N identification skipped (no {', '.join(missing)}); "
+                      "1:1 verification runs", stacklevel=2)
+        one_to_n = []
+    if one_to_n:
         for g in files["galleries"]:
             name = Path(g).stem.rsplit("_", 1)[-1]  # ijbc_1N_gallery_G1.csv -> G1
             galleries[name] = _read_1n_csv(_need(meta / g))

@@ -80,7 +80,10 @@ def _load_bin_pairs(path: Path, protocol: Protocol, progress: bool) -> ImageSet:
 def _load_list_pairs(path: Path, protocol: Protocol) -> ImageSet:
     """`path1 path2 label` lines (whitespace or comma separated), images relative to `root`."""
     root = (path.parent / protocol["root"]).resolve()
-    text = path.read_text(encoding="utf-8").splitlines()
+    try:
+        text = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: pairs list is not UTF-8 text (byte {e.start})") from None
     lines = [(i + 1, line) for i, line in enumerate(text) if line.strip() and not line.lstrip().startswith("#")]
     if protocol["header"]:
         lines = lines[1:]

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from facebce.errors import FacebceError
 from facebce.eval.results import EvalReport
 from facebce.eval.roc import Roc
 from facebce.eval.tenfold import ACCURACY_THRESHOLDS, VAL_FAR_TARGET
@@ -100,14 +101,20 @@ def _pairs_table(report: EvalReport) -> list[str]:
         "## Verification sets", "",
         "10-fold refits its threshold per fold (insightface protocol); *best* is each set's own single "
         "threshold; *global* is the one threshold above, applied to every set.", "",
-        "| set | pairs | 10-fold acc % | VAL@FAR=1e-3 % | best acc % | best t | global acc % | TAR@t % | FAR@t % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "*VAL@FAR (insightface rule)* is the number insightface's verification.py prints (its `interp1d` "
+        "reading of the FAR curve); it differs from facebce's VAL@FAR only on sets too small to resolve "
+        "FAR 1e-3 (see facebce.eval.tenfold).", "",
+        "| set | pairs | 10-fold acc % | VAL@FAR=1e-3 % | VAL@FAR (insightface rule) % | best acc % | best t "
+        "| global acc % | TAR@t % | FAR@t % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report.sets:
         tf = s.ten_fold
         tenfold = f"{_pct(tf.accuracy)} ± {_pct(tf.std)}" if tf else "—"
         val = f"{_pct(tf.val)} ± {_pct(tf.val_std)} (FAR {_pct(tf.far, 3)} %)" if tf else "—"
-        lines.append(f"| {s.name} | {s.n_pairs} | {tenfold} | {val} | {_pct(s.best.accuracy)} "
+        parity = tf.parity if tf else None
+        val_if = f"{_pct(parity.val)} ± {_pct(parity.val_std)} (FAR {_pct(parity.far, 3)} %)" if parity else "—"
+        lines.append(f"| {s.name} | {s.n_pairs} | {tenfold} | {val} | {val_if} | {_pct(s.best.accuracy)} "
                      f"| {_num(s.best.threshold)} | {_pct(s.at_global.accuracy)} | {_pct(s.at_global.tar)} "
                      f"| {_pct(s.at_global.far, 3)} |")
     with_tar = [s for s in report.sets if s.tar_at_far is not None]
@@ -294,6 +301,19 @@ def plot_open_set_histogram(report: EvalReport, o, path: Path | IO[bytes]) -> No
 
 # ----------------------------------------------------------------------------- writing
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` as a report folder: one FacebceError line when it names an existing non-folder
+    (or a path under a file), before anything is computed or written."""
+    out = Path(out_dir)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            what = "the report folder" if p == out else f"a folder on the way to {out}"
+            raise FacebceError(f"{p}: exists and is not a folder; --out / out_dir must name {what}")
+        if p.is_dir():
+            break
+    return out
+
+
 def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md, scores.npz and the PNG plots into `out_dir`; returns name -> path.
 
@@ -321,7 +341,7 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Pa
             render(f"dir_fpir_{o.name}.png", plot_dir_fpir, report, o)
         if o.n_mated and o.n_non_mated:
             render(f"hist_{o.name}.png", plot_open_set_histogram, report, o)
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for name in sorted(files):

@@ -31,12 +31,13 @@ from facebce.errors import ConfigError
 from facebce.eval.embedding_cache import EmbeddingSource
 from facebce.eval.ijb import IjbResult, evaluate_ijb, load_ijb
 from facebce.eval.image_sets import ImageSet, load_classification_folder, load_open_set_folder, load_pairs
-from facebce.eval.model_loading import ModelSpec
+from facebce.eval.model_loading import ModelSpec, learned_bias
 from facebce.eval.open_set import OpenSetSetResult, evaluate_open_set
 from facebce.eval.pair_sets import cosines, pair_set_result
 from facebce.eval.protocols import Protocol, get_protocol
-from facebce.eval.report import write_report
+from facebce.eval.report import check_out_dir, write_report
 from facebce.eval.results import EvalReport, GlobalThreshold, PairSetResult
+from facebce.eval.tenfold import check_fold_count
 from facebce.eval.roc import DEFAULT_TAR_MODE, TAR_MODES
 from facebce.eval.threshold import THRESHOLD_SOURCES, global_threshold, parse_threshold
 from facebce.eval.uniform import UniformSection, uniform_section
@@ -75,6 +76,9 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     """
     if tar_mode not in TAR_MODES:
         raise ConfigError(f"tar_mode={tar_mode!r}: expected one of {', '.join(TAR_MODES)}")
+    bias = learned_bias(model, bias)  # a run folder's own b/γ when not given (threshold="bias", uniform gap)
+    if out_dir is not None:
+        check_out_dir(out_dir)  # refuse a bad --out before any embedding
     resolved = _resolve_protocols(protocols, protocol_paths)
     pair_sets = [(p, path) for p, path in resolved if p.kind in PAIR_KINDS]
     parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias)
@@ -85,6 +89,8 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     scored = {}
     for protocol, path in pair_sets:
         pairs = load_pairs(protocol, path, progress=progress)
+        if "ten_fold" in protocol.metrics:  # before any embedding: name the set and the size it needs
+            check_fold_count(pairs.issame.size, protocol["folds"], f"{protocol.name} ({path})")
         emb = source.image_embeddings(protocol.name, pairs)
         scored[protocol.name] = (str(path), pairs.issame, emb)
     global_t = global_threshold(parsed, {n: (cosines(e), s) for n, (_, s, e) in scored.items()})

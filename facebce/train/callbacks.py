@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -21,6 +22,7 @@ from facebce.data.verification_bin import load_bin
 from facebce.eval import accuracy_at_threshold, best_threshold, ten_fold
 from facebce.fileio import atomic_write_text
 from facebce.heads.base import ClassCentreHead
+from facebce.models.card import CENTRES_FILE, CLASS_THRESHOLDS_FILE, WEIGHTS_FILE, ModelCard, write_model_card
 from facebce.models.embedder import TorchEmbedder
 from facebce.train import checkpoint as ckpt
 
@@ -195,21 +197,20 @@ class ModelFiles(Callback):
         centres = class_centres(trainer)  # a collective (gathers the head's rows): every rank
         if trainer.is_main:
             state = {k: v.detach().cpu() for k, v in trainer.backbone.state_dict().items()}
-            ckpt.atomic_save(state, trainer.run_dir / "backbone.pth")
+            ckpt.atomic_save(state, trainer.run_dir / WEIGHTS_FILE)
             card = model_card(trainer)
             if centres is not None:
                 weight, thresholds = centres
                 ckpt.atomic_save(weight, trainer.run_dir / CENTRES)
-                card["centres"] = CENTRES
+                card = replace(card, centres=CENTRES)
                 if thresholds is not None:
                     ckpt.atomic_save(thresholds, trainer.run_dir / CLASS_THRESHOLDS)
-                    card["class_thresholds"] = CLASS_THRESHOLDS
-            write_json_atomic(trainer.run_dir / MODEL_CARD, card)
+                    card = replace(card, class_thresholds=CLASS_THRESHOLDS)
+            write_model_card(trainer.run_dir, card)
 
 
-MODEL_CARD = "model.json"
-CENTRES = "centres.pth"  # the head's class centres, a plain N x d float tensor
-CLASS_THRESHOLDS = "class_thresholds.pth"  # per-class learned thresholds (b_j or b_j/γ), N floats
+CENTRES = CENTRES_FILE  # the head's class centres, a plain N x d float tensor
+CLASS_THRESHOLDS = CLASS_THRESHOLDS_FILE  # per-class learned thresholds (b_j or b_j/γ), N floats
 
 
 def _inner_head(trainer):
@@ -238,7 +239,7 @@ def class_centres(trainer) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor
     return weight, thresholds
 
 
-def model_card(trainer) -> dict:
+def model_card(trainer) -> ModelCard:
     """What evaluation and export need to rebuild the backbone and know its learned threshold,
     without importing the training code: architecture, options, head, bias b and threshold; and for
     closed-set evaluation how the head scores its classes (`scores`: cosine | linear | null), the
@@ -246,12 +247,14 @@ def model_card(trainer) -> dict:
     m, head = trainer.cfg.model, trainer.head
     bias = getattr(head, "bias", None)
     kind = score_kind(trainer)
-    return {"format": "facebce-model", "arch": m.arch, "embedding_size": m.embedding_size,
-            "options": dict(m.options), "head": trainer.cfg.head.name,
-            "bias": float(bias.detach()) if bias is not None and bias.numel() == 1 else None,
-            "threshold": head.threshold, "steps": trainer.step, "weights": "backbone.pth",
-            "scores": kind, "num_classes": int(trainer.num_classes), "centres": CENTRES if kind else None,
-            "class_thresholds": None}
+    threshold = head.threshold
+    threshold = threshold if threshold is not None and math.isfinite(threshold) else None
+    return ModelCard(arch=m.arch, embedding_size=m.embedding_size, options=dict(m.options),
+                     head=trainer.cfg.head.name,
+                     bias=float(bias.detach()) if bias is not None and bias.numel() == 1 else None,
+                     threshold=threshold, steps=trainer.step, weights=WEIGHTS_FILE, scores=kind,
+                     num_classes=int(trainer.num_classes), centres=CENTRES if kind else None,
+                     class_thresholds=None)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
