@@ -191,10 +191,12 @@ def scored_folder(name: str, embeddings, labels, *, protocol: str = FOLDER_KIND,
 def score_sets(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip: bool = True,
                cache_dir=None, model_name: str | None = None, protocol_paths: Sequence = (),
                progress: bool = True) -> list[ScoredSet]:
-    """Score each (protocol name, path) with `facebce eval`'s machinery (runner.EmbeddingSource and
-    its loaders: the same embeddings, cache and cosines); pairs sets and labelled folders only."""
+    """Score each (protocol name, path) with `facebce eval`'s machinery (EmbeddingSource and the image-set
+    loaders: the same embeddings, cache and cosines); pairs sets and labelled folders only."""
     from facebce.eval.protocols import get_protocol
-    from facebce.eval.runner import EmbeddingSource, load_open_set_folder, load_pairs
+    from facebce.eval.embedding_cache import EmbeddingSource
+    from facebce.eval.image_sets import load_open_set_folder, load_pairs
+    from facebce.eval.pair_sets import cosines
 
     if not protocols:
         raise ConfigError("calibrate: no sets given (add PROTOCOL=PATH, e.g. lfw=data/lfw.bin)")
@@ -213,8 +215,7 @@ def score_sets(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, fli
     for protocol, path in resolved:
         if protocol.kind in PAIR_KINDS:
             pairs = load_pairs(protocol, path, progress=progress)
-            emb = source.image_embeddings(protocol.name, pairs).astype(np.float64)
-            cos = np.sum(emb[0::2] * emb[1::2], axis=1)  # as runner._cosines: float64 of the unit rows
+            cos = cosines(source.image_embeddings(protocol.name, pairs))  # what eval scores, bit for bit
             out.append(scored_pairs(protocol.name, cos, pairs.issame, protocol=protocol.name, path=str(path),
                                     digest=pairs.digest))
         else:

@@ -17,7 +17,7 @@ def test_metrics_md_worked_example():
     np.testing.assert_allclose(tpr, [0, .25, .25, .75, .75, 1, 1])
     expected = {"insightface": (.75, .75), "ijb_evals": (.25, 0), "conservative": (.75, .25), "interpolated": (.75, .5)}
     for mode, tars in expected.items():
-        # 0.05 < 1/|I|: (c) and (d) only read it with nan_unresolved=False (metrics.md §4's NaN rule)
+        # 0.05 < 1/|I|: (c) and (d) only read it with nan_unresolved=False (docs/metrics.md §4's NaN rule)
         np.testing.assert_allclose(r.tar_at_far([0.1, 0.05], mode, nan_unresolved=False).tar, tars, err_msg=mode)
     assert np.isnan(r.tar_at_far([0.05], "conservative").tar[0])
     # f = 0.05 in mode (a) is an exact FPR tie between 0 and 0.1; the reversed order reads FPR 0.1.
@@ -73,7 +73,7 @@ def test_exact_modes_against_brute_force():
         envelope = [tar[far == f].max() for f in fars]
         np.testing.assert_allclose(r.tar_at_far(targets, "interpolated").tar, np.interp(targets, fars, envelope),
                                    rtol=0, atol=1e-12)
-        # Mode (b) as metrics.md §4 defines it: nearest FPR in roc_curve's ascending order, first on ties.
+        # Mode (b) as docs/metrics.md §4 defines it: nearest FPR in roc_curve's ascending order, first on ties.
         fpr, tpr, _ = roc_curve(np.r_[np.ones(g.size), np.zeros(i.size)], np.r_[g, i])
         np.testing.assert_array_equal(r.tar_at_far(targets, "ijb_evals").tar,
                                       [tpr[np.argmin(np.abs(fpr - f))] for f in targets])
