@@ -126,10 +126,14 @@ def variant_path(out_path: str | os.PathLike, kind: str) -> Path:
 def threshold_option(text: str, *, model: str | os.PathLike | None = None,
                      arch: str | None = None) -> tuple[float, dict | None]:
     """`facebce export --threshold`: a number (the user's pair threshold; provenance None) or
-    `calibrated:CALIB.json` (a calibration's threshold and provenance, for `pair_threshold_metadata`).
-    With `model` (the exported run folder or .pth) the calibration must have been made with it."""
+    `calibrated:CALIB.json`, read and verified by facebce.eval.calibrate (checksum; made with `model`'s
+    weights when given) into (threshold, provenance for `pair_threshold_metadata`)."""
     if text.startswith("calibrated:"):
-        return _calibrated_threshold(text, model_digest=None if model is None else _weights_digest(model, arch))
+        from facebce.eval.calibrate import resolve_threshold_spec
+        from facebce.eval.model_loading import ModelSpec, file_digest
+        digest = None if model is None else file_digest(ModelSpec(model, arch=arch).weights_file)
+        resolved = resolve_threshold_spec(text, model_digest=digest)
+        return resolved.value, resolved.provenance()
     try:
         value = float(text)
     except ValueError:
@@ -137,22 +141,6 @@ def threshold_option(text: str, *, model: str | os.PathLike | None = None,
     if not -1.0 <= value <= 1.0:
         raise ModelError(f"--threshold {text!r}: expected a cosine in [-1, 1] or calibrated:CALIB.json")
     return value, None
-
-
-def _weights_digest(model: str | os.PathLike, arch: str | None) -> str:
-    """sha256 of the model's weights file, the digest facebce calibrate records (eval's cache key uses it)."""
-    from facebce.eval.model_loading import ModelSpec, file_digest
-
-    return file_digest(ModelSpec(model, arch=arch).weights_file)
-
-
-def _calibrated_threshold(spec: str, *, model_digest: str | None = None) -> tuple[float, dict]:
-    """calibrated:CALIB.json -> (threshold, {"source": "calibrated", "target_far", "ci", "calibration"}),
-    verified by facebce.eval.calibrate (checksum; made with this model when `model_digest` is given)."""
-    from facebce.eval.calibrate import resolve_threshold_spec
-
-    resolved = resolve_threshold_spec(spec, model_digest=model_digest)
-    return resolved.value, resolved.provenance()
 
 
 def pair_threshold_metadata(value: float, provenance: Mapping[str, object] | None = None) -> dict[str, object]:

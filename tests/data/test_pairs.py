@@ -9,7 +9,7 @@ import pytest
 
 from facebce.cli import main
 from facebce.data.pairs import build_pairs_bin, make_pairs
-from facebce.data.recordio import pack_image_folder
+from facebce.data.pack import pack_image_folder
 from facebce.data.synthetic import SyntheticFaces, write_image_folder
 from facebce.data.verification_bin import load_bin
 from facebce.errors import ConfigError, DataFormatError
