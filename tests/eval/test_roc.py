@@ -7,11 +7,11 @@ from facebce.eval.roc import FAR_TARGETS, Roc, tar_at_far
 from tests.eval.reference_eval_ijbc import tpr_at_fpr_table
 
 G = [.9, .8, .7, .4]
-I = [.85, .6, .5, .3, .2, .1, .05, 0, -.1, -.2]
+IMP = [.85, .6, .5, .3, .2, .1, .05, 0, -.1, -.2]
 
 
 def test_metrics_md_worked_example():
-    r = Roc(G, I)
+    r = Roc(G, IMP)
     fpr, tpr, thr = r.curve()
     np.testing.assert_allclose(fpr, [0, 0, .1, .1, .3, .3, 1])
     np.testing.assert_allclose(tpr, [0, .25, .25, .75, .75, 1, 1])
@@ -80,7 +80,7 @@ def test_exact_modes_against_brute_force():
 
 
 def test_targets_below_one_impostor_are_nan_in_exact_modes_only():
-    r = Roc(G, I)  # 10 impostors: 1/|I| = 0.1
+    r = Roc(G, IMP)  # 10 impostors: 1/|I| = 0.1
     for mode in ("conservative", "interpolated"):
         res = r.tar_at_far([1e-6, 0.099, 0.1], mode)
         assert np.isnan(res.tar[:2]).all() and np.isnan(res.far[:2]).all() and res.tar[2] == 0.75
@@ -90,12 +90,12 @@ def test_targets_below_one_impostor_are_nan_in_exact_modes_only():
 
 
 def test_from_labels_and_bad_input():
-    r = Roc.from_labels(np.r_[G, I], np.r_[[1] * 4, [0] * 10])
+    r = Roc.from_labels(np.r_[G, IMP], np.r_[[1] * 4, [0] * 10])
     np.testing.assert_array_equal(r.tp[-1], 4)
     np.testing.assert_allclose(r.tar_at_far([0.05], "interpolated", nan_unresolved=False).tar, [0.5])
     with pytest.raises(DataFormatError, match="mode: 'nearest' is not one of"):
-        tar_at_far(G, I, mode="nearest")
+        tar_at_far(G, IMP, mode="nearest")
     with pytest.raises(DataFormatError, match="impostor: 1 scores are NaN"):
         Roc(G, [0.1, np.nan])
     with pytest.raises(DataFormatError, match="genuine: no scores"):
-        Roc([], I)
+        Roc([], IMP)
