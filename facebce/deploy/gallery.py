@@ -87,7 +87,7 @@ def choose_index(n: int, dim: int, memory_gb: float | None = None) -> dict:
     Flat while its vectors (4 * dim bytes each) fit in half the budget and n <= 200k (an exact scan
     of 200k x 512 is ~2 ms a probe); otherwise OPQ + IVF-PQ with the largest code (pq_m bytes a
     vector, pq_m dividing dim, at most dim / 2) whose codes, ids and lists fit in half the budget,
-    and nlist ~ 4 sqrt(n). Returns Gallery keyword arguments.
+    and nlist ~ sqrt(n) (a power of 2). Returns Gallery keyword arguments.
     """
     n, dim = _positive_int(n, "n"), _positive_int(dim, "dim")
     budget = None if memory_gb is None else float(memory_gb) * 1e9 / 2
@@ -104,7 +104,7 @@ def choose_index(n: int, dim: int, memory_gb: float | None = None) -> dict:
         raise FacebceError(f"memory_gb={memory_gb}: {n:,} x {dim}-d vectors need at least {need:.2f} GB "
                            f"even as {min(candidates)}-byte codes")
     pq_m = fitting[0] if budget is not None else dim // 4
-    nlist = max(1, min(_pow2_near(4 * math.sqrt(n)), n // 39))
+    nlist = max(1, min(_pow2_near(math.sqrt(n)), n // 39))
     return {"index_type": "opq", "nlist": nlist, "pq_m": pq_m, "nprobe": max(8, nlist // 16)}
 
 
@@ -353,11 +353,14 @@ class Gallery:
             pre = f"OPQ{o['pq_m']}," if self.index_type == "opq" else ""
             index = faiss.index_factory(d, f"{pre}IVF{o['nlist']},PQ{o['pq_m']}x8", faiss.METRIC_INNER_PRODUCT)
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
-            ivf.pq.cp.min_points_per_centroid = 1  # no FAISS warnings for samples under 39 x 256
+            ivf.do_polysemous_training = False  # index_factory turns it on: minutes of annealing, unused here
+            ivf.pq.cp.min_points_per_centroid = 1  # no FAISS warnings for small first batches
+            ivf.pq.cp.max_points_per_centroid = 64  # 16k rows train each 256-centroid sub-quantiser
             if self.index_type == "opq":
-                faiss.downcast_VectorTransform(index.chain.at(0)).pq.cp.min_points_per_centroid = 1
+                opq = faiss.downcast_VectorTransform(index.chain.at(0))
+                opq.max_train_points, opq.niter = 32_768, 20
         ivf = faiss.extract_index_ivf(index)
-        ivf.cp.min_points_per_centroid = 1
+        ivf.cp.min_points_per_centroid, ivf.cp.max_points_per_centroid, ivf.cp.niter = 1, 64, 10
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct/remove by external id
         if n_train > _TRAIN_SAMPLE:
             train = train[np.sort(np.random.default_rng(0).choice(n_train, _TRAIN_SAMPLE, replace=False))]
