@@ -85,7 +85,7 @@ def choose_index(n: int, dim: int, memory_gb: float | None = None) -> dict:
     """Index type and parameters for `n` vectors of `dim` under a memory budget (GB; None: no budget).
 
     Flat while its vectors (4 * dim bytes each) fit in half the budget and n <= 200k (an exact scan
-    of 200k x 512 is ~2 ms a probe); otherwise OPQ + IVF-PQ with the largest code (pq_m bytes a
+    of 200k x 512 is ~2 ms a probe); otherwise IVF-PQ with the largest code (pq_m bytes a
     vector, pq_m dividing dim, at most dim / 2) whose codes, ids and lists fit in half the budget,
     and nlist ~ sqrt(n) (a power of 2). Returns Gallery keyword arguments.
     """
@@ -105,7 +105,7 @@ def choose_index(n: int, dim: int, memory_gb: float | None = None) -> dict:
                            f"even as {min(candidates)}-byte codes")
     pq_m = fitting[0] if budget is not None else dim // 4
     nlist = max(1, min(_pow2_near(math.sqrt(n)), n // 39))
-    return {"index_type": "opq", "nlist": nlist, "pq_m": pq_m, "nprobe": max(8, nlist // 16)}
+    return {"index_type": "ivfpq", "nlist": nlist, "pq_m": pq_m, "nprobe": max(8, nlist // 16)}
 
 
 def _pow2_near(x: float) -> int:
@@ -355,12 +355,12 @@ class Gallery:
             ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
             ivf.do_polysemous_training = False  # index_factory turns it on: minutes of annealing, unused here
             ivf.pq.cp.min_points_per_centroid = 1  # no FAISS warnings for small first batches
-            ivf.pq.cp.max_points_per_centroid = 64  # 16k rows train each 256-centroid sub-quantiser
+            ivf.pq.cp.max_points_per_centroid, ivf.pq.cp.niter = 64, 15  # 16k rows per 256-centroid codebook
             if self.index_type == "opq":
                 opq = faiss.downcast_VectorTransform(index.chain.at(0))
-                opq.max_train_points, opq.niter = 32_768, 20
+                opq.max_train_points, opq.niter = 16_384, 10
         ivf = faiss.extract_index_ivf(index)
-        ivf.cp.min_points_per_centroid, ivf.cp.max_points_per_centroid, ivf.cp.niter = 1, 64, 10
+        ivf.cp.min_points_per_centroid, ivf.cp.max_points_per_centroid, ivf.cp.niter = 1, 32, 10
         ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct/remove by external id
         if n_train > _TRAIN_SAMPLE:
             train = train[np.sort(np.random.default_rng(0).choice(n_train, _TRAIN_SAMPLE, replace=False))]

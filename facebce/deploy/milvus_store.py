@@ -61,12 +61,12 @@ def parse_uri(spec: str) -> MilvusUri:
 
 def _client(uri: MilvusUri, spec: str, timeout: float):
     import logging
-    # pymilvus logs each failed RPC with a traceback (and iterator notes): facebce says what failed in one line
-    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     try:
         from pymilvus import MilvusClient
     except ImportError:
         raise FacebceError(f"{spec}: Milvus galleries need pymilvus (pip install 'facebce[milvus]')") from None
+    # pymilvus logs each failed RPC with a traceback (and iterator notes): facebce says what failed in one line
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
     if uri.lite:
         try:
             import milvus_lite  # noqa: F401
@@ -129,6 +129,7 @@ class MilvusStore:
             if create:
                 self._create(dim, mode, threshold)
             self._read_settings()
+            self._call("load_collection", self._c.load_collection, self.collection)  # a restarted server releases
         except BaseException:
             self._c.close()
             raise

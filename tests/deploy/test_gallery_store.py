@@ -307,7 +307,7 @@ def test_pq_recall_and_open_set_agreement_vs_flat(index_type, one_faiss_thread):
         else:
             low = r10
     assert low < r10  # nprobe is honoured per search
-    assert choose_index(1_000_000, 512, memory_gb=4)["index_type"] == "opq"
+    assert choose_index(1_000_000, 512, memory_gb=4)["index_type"] == "ivfpq"
     assert choose_index(50_000, 512)["index_type"] == "flat"
     with pytest.raises(FacebceError, match="memory_gb=0.001: 1,000,000 x 512-d vectors need at least"):
         choose_index(1_000_000, 512, memory_gb=0.001)
