@@ -126,31 +126,54 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_gallery(args) -> None:
-    from facebce.deploy.enrol import enrol_folder, format_results, search_files
-    from facebce.deploy.gallery import Gallery
-    if args.action == "info":
-        for key, value in Gallery.load(args.gallery).info().items():
-            print(f"{key}: {value}")
+    from facebce.deploy import enrol
+    from facebce.deploy.gallery import escape_name, open_gallery
+    inputs, action = args.inputs, args.action
+    if action == "info":
+        with open_gallery(args.gallery, lock_timeout=args.lock_timeout) as store:
+            for key, value in store.info().items():
+                print(f"{key}: {value}")
         return
-    if args.action == "remove":
-        g = Gallery.load(args.gallery)
-        n = g.remove(identity=args.identity) if args.identity else g.remove(ids=[int(i) for i in args.ids.split(",")])
-        g.save(args.gallery)
-        print(f"{args.gallery}: removed {n} entries; {len(g)} remain")
+    if action == "remove":
+        print(enrol.remove_entries(args.gallery, ids=args.ids, identity=args.identity, lock_timeout=args.lock_timeout))
         return
-    if not args.model or not args.inputs:
-        raise FacebceError(f"gallery {args.action}: give --model and at least one image folder or file")
-    embedder = _model_spec(args).build(flip=not args.no_flip, normalize=True)
-    if args.action in ("build", "add"):
-        create = None
-        if args.action == "build":
-            threshold = args.threshold if args.threshold is not None else getattr(embedder, "threshold", None)
-            create = {"index_type": args.index, "mode": args.mode, "threshold": threshold}
-        for folder in args.inputs:
-            print(enrol_folder(args.gallery, embedder, folder, create=create))
-            create = None
+    if action == "migrate":
+        if len(inputs) != 1:
+            raise FacebceError("gallery migrate: give SRC DST (a path or a milvus:// / milvus+lite:// URI each)")
+        print(enrol.migrate(args.gallery, inputs[0], lock_timeout=args.lock_timeout))
+        return
+    if action == "rename":
+        if len(inputs) != 2:
+            raise FacebceError("gallery rename: give GALLERY OLD_NAME NEW_NAME")
+        with open_gallery(args.gallery, lock_timeout=args.lock_timeout) as store:
+            n = store.rename(inputs[0], inputs[1])
+        print(f"{args.gallery}: renamed {n} entries {escape_name(inputs[0])} -> {escape_name(inputs[1])}")
+        return
+    embedder = _model_spec(args).build(flip=not args.no_flip, normalize=True) if args.model else None
+    if action == "set-threshold":
+        if len(inputs) > 1 or (inputs and args.threshold is not None):
+            raise FacebceError("gallery set-threshold: give GALLERY VALUE (or --threshold VALUE, or --model to "
+                               "take the model's pair threshold)")
+        value = inputs[0] if inputs else args.threshold
+        if value is None and embedder is None:
+            raise FacebceError("gallery set-threshold: give a value, --threshold or --model")
+        print(enrol.set_gallery_threshold(args.gallery, value, embedder, lock_timeout=args.lock_timeout))
+        return
+    if embedder is None or not inputs:
+        raise FacebceError(f"gallery {action}: give --model and at least one image folder or file")
+    if action == "build":
+        options = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe), ("pq_m", args.pq_m))
+                   if v is not None}
+        for summary in enrol.build_gallery(args.gallery, embedder, inputs, threshold=args.threshold,
+                                           index_type=args.index, mode=args.mode, memory_gb=args.memory_gb,
+                                           lock_timeout=args.lock_timeout, **options):
+            print(summary)
+    elif action == "add":
+        for folder in inputs:
+            print(enrol.enrol_folder(args.gallery, embedder, folder, lock_timeout=args.lock_timeout))
     else:
-        print(format_results(search_files(args.gallery, embedder, args.inputs, k=args.k, threshold=args.threshold)))
+        print(enrol.format_results(enrol.search_files(args.gallery, embedder, inputs, k=args.k,
+                                                      threshold=args.threshold, nprobe=args.nprobe)))
 
 
 def _cmd_align(args) -> None:
@@ -302,19 +325,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded apart, as learned_threshold)")
     x.set_defaults(func=_cmd_export)
 
-    g = sub.add_parser("gallery", help="build and search a FAISS gallery with open-set rejection")
-    g.add_argument("action", choices=["build", "add", "search", "remove", "info"])
-    g.add_argument("gallery", help="gallery index path (the sidecar is GALLERY.json)")
-    g.add_argument("inputs", nargs="*", help="build/add: aligned folders ROOT/<identity>/*.jpg; search: image files")
+    g = sub.add_parser("gallery", help="build, change and search a gallery with open-set rejection "
+                                       "(FAISS on disk, or Milvus)")
+    g.add_argument("action", choices=["build", "add", "search", "remove", "info", "set-threshold", "rename",
+                                      "migrate"])
+    g.add_argument("gallery", help="gallery: a path (FAISS, the default; files GALLERY, .json, .wal, .lock) or "
+                                   "milvus://HOST:PORT/COLLECTION or milvus+lite://PATH.db/COLLECTION")
+    g.add_argument("inputs", nargs="*", help="build/add: aligned folders ROOT/<identity>/*.jpg; search: image "
+                                             "files; set-threshold: VALUE; rename: OLD NEW; migrate: DST")
     g.add_argument("--model", help="ONNX model or .pth (with --arch) that embeds the faces")
     _add_model_args(g)
-    g.add_argument("--index", default="flat", choices=["flat", "ivf", "hnsw"])
+    g.add_argument("--index", default="flat", choices=["flat", "ivf", "ivfpq", "opq", "hnsw", "auto"],
+                   help="build: index type (auto: chosen from the number of images and --memory-gb)")
+    g.add_argument("--memory-gb", type=float, help="build: memory budget for the index (auto, ivfpq, opq)")
+    g.add_argument("--nlist", type=int, help="build: inverted lists of ivf/ivfpq/opq (default ~4 sqrt(N))")
+    g.add_argument("--pq-m", type=int, help="build: bytes per vector of ivfpq/opq codes (divides the dim)")
+    g.add_argument("--nprobe", type=int, help="lists an ivf/ivfpq/opq search visits (build: the default; "
+                                               "search: this time)")
     g.add_argument("--mode", default="all", choices=["all", "mean"], help="store every image or one mean per identity")
-    g.add_argument("--threshold", type=float,
-                   help="global cosine threshold (default: the gallery's, else the model's metadata)")
+    g.add_argument("--threshold",
+                   help="global cosine pair threshold (build: default the model's pair threshold, said in one "
+                        "line; search: default the gallery's)")
     g.add_argument("-k", type=int, default=5, help="matches to show per probe")
     g.add_argument("--identity", help="remove: every entry of this identity")
     g.add_argument("--ids", help="remove: comma-separated entry ids")
+    g.add_argument("--lock-timeout", type=float, default=30.0,
+                   help="seconds to wait for another process writing the same gallery")
     g.set_defaults(func=_cmd_gallery)
 
     a = sub.add_parser("align", help="detect and align faces in raw photos (SCRFD + 5 points)")

@@ -1,42 +1,46 @@
-"""Open-set 1:N search over enrolled faces: a FAISS inner-product index plus a JSON sidecar.
+"""Open-set 1:N search over enrolled faces, and the gallery stores that keep it.
 
-Embeddings are L2-normalised on the way in (enrolment and probes), so inner product is cosine
-and one global threshold decides "known vs unknown", as facebce trains and evaluates. Index
-types: 'flat' (exact, default), 'ivf' (inverted lists, trained on the first batch added) and
-'hnsw' (graph). Every entry has a stable external int64 id; the sidecar maps it to the identity
-name and the source file.
+Embeddings are L2-normalised on the way in (enrolment and probes), so inner product is cosine and
+one global threshold decides "known vs unknown", as facebce trains and evaluates. Every entry has a
+stable external int64 id mapped to its identity name (any string, kept exactly) and source file.
 
-Saving writes `<path>` (the index) and `<path>.json` (the sidecar, which holds the index file's
-SHA-256). Both are first written in full to `<name>.tmp`, then the index and then the sidecar
-are renamed into place. A crash before the renames leaves the previous gallery; a crash
-between them leaves the new index beside a complete `<path>.json.tmp`, which `load` recognises
-by the checksum and renames to finish the save. Any other mismatch is a DataFormatError.
-Single writer: two processes saving the same path at once is not supported.
+Two layers:
+- `Gallery`: the in-memory gallery (one FAISS index plus the id -> identity table). Index types:
+  'flat' (exact, default), 'ivf' (inverted lists of full vectors), 'ivfpq' and 'opq' (inverted
+  lists of product-quantised codes, OPQ with a learned rotation first: a few dozen bytes a vector),
+  'hnsw' (graph). IVF types are trained on (a sample of) the first batch added.
+- `open_gallery(spec)`: a durable store named by a path (FAISS on local disk, `store.FaissStore`:
+  write-ahead journal, checkpoints, a file lock for writers) or by a URI, `milvus://HOST:PORT/COLL`
+  or `milvus+lite://PATH.db/COLL` (`milvus_store.MilvusStore`). Both offer the same calls: add,
+  remove, rename, search, set_threshold, identities, entry, info, len, refresh, close.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import numbers
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import faiss
 import numpy as np
 
 from facebce.errors import DataFormatError, FacebceError
+from facebce.fileio import unit_rows
 
-__all__ = ["GALLERY_VERSION", "INDEX_TYPES", "MODES", "Gallery", "Match", "SearchResult", "recall_against_exact"]
+__all__ = ["GALLERY_VERSION", "INDEX_TYPES", "MODES", "Gallery", "Match", "SearchResult", "choose_index",
+           "escape_name", "is_uri", "open_gallery", "recall_against_exact", "resolve_threshold"]
 
 GALLERY_FORMAT = "facebce-gallery"
-GALLERY_VERSION = 1
-INDEX_TYPES = ("flat", "ivf", "hnsw")
+GALLERY_VERSION = 2  # 1: index + sidecar saved whole; 2: + journal, sequence numbers and a sidecar checksum
+INDEX_TYPES = ("flat", "ivf", "ivfpq", "opq", "hnsw")
+TRAINED_TYPES = ("ivf", "ivfpq", "opq")
+EXACT_TYPES = ("flat", "ivf", "hnsw")  # store the vectors themselves (PQ types keep lossy codes)
 MODES = ("all", "mean")  # every image is an entry / one mean template per identity
 _METRIC = "inner_product"
+_PQ_TRAIN_MIN = 256  # an 8-bit product quantiser has 256 centroids per sub-space
+_TRAIN_SAMPLE = 100_000  # IVF types train on at most this many rows of the first batch (seeded sample)
 # FAISS scans a flat index query by query (SIMD) until nq * d reaches its process-wide
 # distance_compute_blas_threshold (128000 in faiss >= 1.15, tuned for many-core servers: at d=512 a
 # batch under 250 probes never reaches BLAS). On a few cores one BLAS product over the gallery wins
@@ -52,6 +56,7 @@ class Match:
     id: int
     identity: str
     score: float  # cosine
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,30 +81,69 @@ class _Entry:
     mean_norm: float = 1.0  # |mean of the normalised images|; with count, turns a template back into a sum
 
 
+def choose_index(n: int, dim: int, memory_gb: float | None = None) -> dict:
+    """Index type and parameters for `n` vectors of `dim` under a memory budget (GB; None: no budget).
+
+    Flat while its vectors (4 * dim bytes each) fit in half the budget and n <= 200k (an exact scan
+    of 200k x 512 is ~2 ms a probe); otherwise IVF-PQ with the largest code (pq_m bytes a
+    vector, pq_m dividing dim, at most dim / 2) whose codes, ids and lists fit in half the budget,
+    and nlist ~ sqrt(n) (a power of 2). Returns Gallery keyword arguments.
+    """
+    n, dim = _positive_int(n, "n"), _positive_int(dim, "dim")
+    budget = None if memory_gb is None else float(memory_gb) * 1e9 / 2
+    if budget is not None and (not math.isfinite(budget) or budget <= 0):
+        raise FacebceError(f"memory_gb={memory_gb!r}: expected a positive number of gigabytes")
+    if n <= 200_000 and (budget is None or n * 4 * dim <= budget):
+        return {"index_type": "flat"}
+    candidates = [m for m in (dim // 2, dim // 4, dim // 8, dim // 16, dim // 32, 8, 4)
+                  if m >= 1 and dim % m == 0 and m <= 256]
+    per_vector = 8 + 16  # id + inverted-list / direct-map overhead
+    fitting = [m for m in candidates if budget is None or n * (m + per_vector) <= budget]
+    if not fitting:
+        need = n * (min(candidates) + per_vector) * 2 / 1e9
+        raise FacebceError(f"memory_gb={memory_gb}: {n:,} x {dim}-d vectors need at least {need:.2f} GB "
+                           f"even as {min(candidates)}-byte codes")
+    pq_m = fitting[0] if budget is not None else dim // 4
+    nlist = max(1, min(_pow2_near(math.sqrt(n)), n // 39))
+    return {"index_type": "ivfpq", "nlist": nlist, "pq_m": pq_m, "nprobe": max(8, nlist // 16)}
+
+
+def _pow2_near(x: float) -> int:
+    return 1 << max(0, round(math.log2(max(x, 1.0))))
+
+
 class Gallery:
-    """Enrolled embeddings behind one FAISS index with stable external ids.
+    """Enrolled embeddings behind one FAISS index with stable external ids (in memory).
 
     `mode='all'` keeps every image; `mode='mean'` keeps one L2-normalised mean template per
-    identity, updated as more images of that identity are added. `threshold` is the global
-    cosine threshold of the model (e.g. `OnnxEmbedder(...).threshold`); `search` can override it.
-    IVF options: `nlist` (default about 4 sqrt(N) of the first batch, at most N / 39), `nprobe`.
-    HNSW options: `hnsw_m`, `ef_construction`, `ef_search`. HNSW cannot delete: `remove` rebuilds
-    it from the stored vectors (O(N log N)). `use_gpu=None` searches on GPU when FAISS sees one
-    (flat and IVF only; the CPU index stays the one that is saved).
+    identity, updated as more images of that identity are added. `threshold` is the global cosine
+    pair threshold (see `resolve_threshold`); `search` can override it.
+    IVF options: `nlist` (default about 4 sqrt(N) of the first batch, at most N / 39), `nprobe`
+    (default for searches; `search(nprobe=)` overrides it per call). IVF-PQ/OPQ: `pq_m` bytes per
+    vector (divides dim). HNSW: `hnsw_m`, `ef_construction`, `ef_search`; HNSW cannot delete:
+    `remove` rebuilds it from the stored vectors. `use_gpu=None` searches on GPU when FAISS sees one.
+    `save`/`load` write and read the FAISS store's files (a checkpoint and an empty journal) under
+    the store's lock; for a gallery several processes change, use `open_gallery`.
     """
 
     def __init__(self, dim: int, *, index_type: str = "flat", mode: str = "all", threshold: float | None = None,
-                 nlist: int | None = None, nprobe: int = 16, hnsw_m: int = 32, ef_construction: int = 40,
-                 ef_search: int = 128, use_gpu: bool | None = None):
+                 nlist: int | None = None, nprobe: int = 16, pq_m: int | None = None, hnsw_m: int = 32,
+                 ef_construction: int = 40, ef_search: int = 128, use_gpu: bool | None = None):
         self.dim = _positive_int(dim, "dim")
         if index_type not in INDEX_TYPES:
             raise FacebceError(f"index_type={index_type!r}: expected one of {', '.join(INDEX_TYPES)}")
         if mode not in MODES:
             raise FacebceError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+        if mode == "mean" and index_type not in EXACT_TYPES:
+            raise FacebceError(f"mode='mean' updates templates from their stored vectors: use index_type "
+                               f"{', '.join(EXACT_TYPES)}, not {index_type!r} (lossy codes)")
         self.index_type, self.mode = index_type, mode
         self.threshold = None if threshold is None else _threshold(threshold, "threshold")
+        if pq_m is not None and (_positive_int(pq_m, "pq_m") > self.dim or self.dim % pq_m):
+            raise FacebceError(f"pq_m={pq_m}: must divide dim={self.dim}")
         self.options = {"nlist": None if nlist is None else _positive_int(nlist, "nlist"),
-                        "nprobe": _positive_int(nprobe, "nprobe"), "hnsw_m": _positive_int(hnsw_m, "hnsw_m"),
+                        "nprobe": _positive_int(nprobe, "nprobe"), "pq_m": pq_m,
+                        "hnsw_m": _positive_int(hnsw_m, "hnsw_m"),
                         "ef_construction": _positive_int(ef_construction, "ef_construction"),
                         "ef_search": _positive_int(ef_search, "ef_search")}
         self.use_gpu = faiss.get_num_gpus() > 0 if use_gpu is None else bool(use_gpu)
@@ -107,12 +151,26 @@ class Gallery:
             raise FacebceError("use_gpu=True: this FAISS build sees no GPU (install faiss-gpu, or pass use_gpu=None)")
         self._entries: dict[int, _Entry] = {}
         self._next_id = 0
-        self._index: faiss.Index | None = None if index_type == "ivf" else self._new_index(0)
+        self._index: faiss.Index | None = None if index_type in TRAINED_TYPES else self._new_index(None)
         self._gpu_index: faiss.Index | None = None
+        self._search_lock = threading.Lock()  # per-call nprobe
 
     # ---- contents -------------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __enter__(self) -> Gallery:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release for an in-memory gallery (the stores' close releases files)."""
+
+    def refresh(self) -> bool:
+        """An in-memory gallery is always current; returns False (nothing changed)."""
+        return False
 
     @property
     def ids(self) -> np.ndarray:
@@ -120,38 +178,52 @@ class Gallery:
         return np.array(sorted(self._entries), dtype=np.int64)
 
     @property
+    def next_id(self) -> int:
+        return self._next_id
+
+    @property
     def identities(self) -> list[str]:
         return sorted({e.identity for e in self._entries.values()})
 
+    @property
+    def trained(self) -> bool:
+        return self._index is not None
+
     def entry(self, id: int) -> dict:
         """The sidecar record of one id: identity, source (and count for a mean template)."""
-        if id not in self._entries:
+        if isinstance(id, bool) or not isinstance(id, numbers.Integral) or int(id) not in self._entries:
             raise FacebceError(f"id={id!r}: not in the gallery")
-        return self._record(id, self._entries[id])
+        return self._record(int(id), self._entries[int(id)])
+
+    def entries(self) -> list[dict]:
+        return [self._record(i, e) for i, e in sorted(self._entries.items())]
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The stored (normalised) vectors of `ids`, float32 len(ids) x dim."""
+        """The stored (normalised) vectors of `ids`, float32 len(ids) x dim (approximate for PQ types)."""
         ids = self._existing(ids)
         if not ids.size:
             return np.empty((0, self.dim), np.float32)
         return self._index.reconstruct_batch(ids)
 
     def info(self) -> dict:
-        return {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "dim": self.dim, "metric": _METRIC,
-                "index_type": self.index_type, "mode": self.mode, "threshold": self.threshold,
+        return {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "backend": "memory", "dim": self.dim,
+                "metric": _METRIC, "index_type": self.index_type, "mode": self.mode, "threshold": self.threshold,
                 "entries": len(self), "identities": len(self.identities), "options": dict(self.options),
                 "gpu": self.use_gpu and self.index_type != "hnsw"}
 
     # ---- changes --------------------------------------------------------------------------------
+    def set_threshold(self, threshold: float | None) -> None:
+        self.threshold = None if threshold is None else _threshold(threshold, "threshold")
+
     def add(self, embeddings, identities: Sequence[str], sources: Sequence[str | None] | None = None,
             ids: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
         """Enrol embeddings (N x dim, any positive norm) of `identities`; returns the ids they got.
 
         In 'all' mode each row becomes an entry, with `ids` given or the next free ones. In 'mean'
         mode rows are averaged per identity into its template (ids are assigned per identity, and
-        sources are not kept: a template has many).
+        sources are not kept: a template has many). Everything is checked before anything changes.
         """
-        x = _unit_rows(embeddings, self.dim, "embeddings")
+        x = unit_rows(embeddings, "embeddings", dim=self.dim)
         if not len(x):
             raise DataFormatError("embeddings: no rows to add")
         names = _names(identities, len(x))
@@ -162,25 +234,44 @@ class Gallery:
             return self._add_means(x, names)
         new_ids = self._checked_new_ids(ids, len(x))
         self._insert(x, new_ids)
+        self._next_id = max(self._next_id, int(new_ids.max()) + 1)
         self._entries.update((int(i), _Entry(n, s)) for i, n, s in zip(new_ids, names, sources))
         return new_ids
 
     def remove(self, ids: Sequence[int] | np.ndarray | None = None, identity: str | Sequence[str] | None = None) -> int:
         """Delete entries by id, or every entry of one or more identities; returns how many."""
-        if (ids is None) == (identity is None):
-            raise FacebceError("remove: pass exactly one of ids= or identity=")
-        if identity is not None:
-            wanted = {identity} if isinstance(identity, str) else set(identity)
-            unknown = sorted(wanted - set(self.identities))
-            if unknown:
-                raise FacebceError(f"identity: not in the gallery: {unknown[:5]}")
-            drop = np.array([i for i, e in self._entries.items() if e.identity in wanted], dtype=np.int64)
-        else:
-            drop = np.unique(self._existing(ids))
+        drop = self.ids_to_remove(ids=ids, identity=identity)
         self._delete(drop)
         for i in drop:
             del self._entries[int(i)]
         return int(drop.size)
+
+    def ids_to_remove(self, ids=None, identity=None) -> np.ndarray:
+        """The ids `remove(ids=, identity=)` would delete (checked: unknown ids or names are errors)."""
+        if (ids is None) == (identity is None):
+            raise FacebceError("remove: pass exactly one of ids= or identity=")
+        if identity is not None:
+            wanted = {identity} if isinstance(identity, str) else set(identity)
+            if not wanted or not all(isinstance(w, str) for w in wanted):
+                raise FacebceError("identity: expected a name or a list of names")
+            unknown = sorted(wanted - {e.identity for e in self._entries.values()})
+            if unknown:
+                raise FacebceError(f"identity: not in the gallery: {', '.join(map(escape_name, unknown[:5]))}")
+            return np.array([i for i, e in self._entries.items() if e.identity in wanted], dtype=np.int64)
+        return np.unique(self._existing(ids))
+
+    def rename(self, old: str, new: str) -> int:
+        """Give every entry of identity `old` the name `new` (ids and vectors unchanged); returns how many.
+        In 'mean' mode `new` must not already have a template."""
+        new = _names([new], 1)[0]
+        hits = [i for i, e in self._entries.items() if e.identity == old]
+        if not hits:
+            raise FacebceError(f"identity: not in the gallery: {escape_name(old) if isinstance(old, str) else old!r}")
+        if self.mode == "mean" and new != old and any(e.identity == new for e in self._entries.values()):
+            raise FacebceError(f"rename: {escape_name(new)} already has a mean template; remove one first")
+        for i in hits:
+            self._entries[i].identity = new
+        return len(hits)
 
     def _add_means(self, x: np.ndarray, names: list[str]) -> np.ndarray:
         """Fold each identity's rows into its template: sum of unit vectors, renormalised."""
@@ -190,7 +281,7 @@ class Gallery:
         by_name = {e.identity: i for i, e in self._entries.items()}
         replaced = np.array([by_name[n] for n in rows if n in by_name], dtype=np.int64)
         old = dict(zip(replaced.tolist(), self.vectors(replaced)))
-        ids, templates, entries = [], [], []
+        ids, templates, entries, next_id = [], [], [], self._next_id
         for name, r in rows.items():
             total, count = x[r].sum(axis=0, dtype=np.float64), len(r)
             if name in by_name:
@@ -199,16 +290,17 @@ class Gallery:
                 total += old[i] * prev.mean_norm * prev.count
                 count += prev.count
             else:
-                i, self._next_id = self._next_id, self._next_id + 1
+                i, next_id = next_id, next_id + 1
             norm = float(np.linalg.norm(total))
             if norm == 0:
-                raise FacebceError(f"identities: the embeddings of {name!r} sum to zero; no mean template")
+                raise FacebceError(f"identities: the embeddings of {escape_name(name)} sum to zero; no mean template")
             ids.append(i)
             templates.append(total / norm)
             entries.append(_Entry(name, None, count, norm / count))
         self._delete(replaced)
         ids = np.array(ids, dtype=np.int64)
         self._insert(np.asarray(templates, np.float32), ids)
+        self._next_id = next_id
         self._entries.update(zip(ids.tolist(), entries))
         return ids
 
@@ -221,52 +313,72 @@ class Gallery:
 
     def _checked_new_ids(self, ids, n: int) -> np.ndarray:
         if ids is None:
-            new = np.arange(self._next_id, self._next_id + n, dtype=np.int64)
-        else:
-            new = _id_array(ids)
-            if new.size != n:
-                raise FacebceError(f"ids: {new.size} ids for {n} embeddings")
-            if new.min() < 0:
-                raise FacebceError(f"ids: negative id {int(new.min())} (FAISS reserves -1)")
-            dup = np.unique(new)[np.unique(new, return_counts=True)[1] > 1]
-            clash = [int(i) for i in new if int(i) in self._entries]
-            if dup.size or clash:
-                raise FacebceError(f"ids: duplicate ids {(dup.tolist() or clash)[:5]}")
-        self._next_id = max(self._next_id, int(new.max()) + 1)
+            return np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        new = _id_array(ids)
+        if new.size != n:
+            raise FacebceError(f"ids: {new.size} ids for {n} embeddings")
+        if new.min() < 0:
+            raise FacebceError(f"ids: negative id {int(new.min())} (FAISS reserves -1)")
+        dup = np.unique(new)[np.unique(new, return_counts=True)[1] > 1]
+        clash = [int(i) for i in new if int(i) in self._entries]
+        if dup.size or clash:
+            raise FacebceError(f"ids: duplicate ids {(dup.tolist() or clash)[:5]}")
         return new
 
     # ---- FAISS ----------------------------------------------------------------------------------
-    def _new_index(self, n_train: int) -> faiss.Index:
-        o = self.options
+    def _new_index(self, train: np.ndarray | None) -> faiss.Index:
+        o, d = self.options, self.dim
         if self.index_type == "flat":
-            return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+            return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
         if self.index_type == "hnsw":
-            hnsw = faiss.IndexHNSWFlat(self.dim, o["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
+            hnsw = faiss.IndexHNSWFlat(d, o["hnsw_m"], faiss.METRIC_INNER_PRODUCT)
             hnsw.hnsw.efConstruction = o["ef_construction"]
             index = faiss.IndexIDMap2(hnsw)
+            self._configure(index)
+            return index
+        n_train = len(train)
+        if o["nlist"] is None:
+            o["nlist"] = max(1, min(int(4 * math.sqrt(n_train)), n_train // 39))
+        if n_train < o["nlist"]:
+            raise FacebceError(f"nlist={o['nlist']}: {self.index_type} needs at least nlist vectors in the first "
+                               f"add to train on, got {n_train}")
+        if self.index_type == "ivf":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, o["nlist"], faiss.METRIC_INNER_PRODUCT)
         else:
-            if o["nlist"] is None:
-                o["nlist"] = max(1, min(int(4 * math.sqrt(n_train)), n_train // 39))
-            if n_train < o["nlist"]:
-                raise FacebceError(f"nlist={o['nlist']}: IVF needs at least nlist vectors in the first add "
-                                   f"to train on, got {n_train}")
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(self.dim), self.dim, o["nlist"], faiss.METRIC_INNER_PRODUCT)
-            index.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct/remove by external id
+            if o["pq_m"] is None:
+                o["pq_m"] = choose_index(max(n_train, 200_001), d).get("pq_m", d // 4)
+            if n_train < _PQ_TRAIN_MIN:
+                raise FacebceError(f"{self.index_type}: needs at least {_PQ_TRAIN_MIN} vectors in the first add to "
+                                   f"train its product quantiser on, got {n_train}")
+            pre = f"OPQ{o['pq_m']}," if self.index_type == "opq" else ""
+            index = faiss.index_factory(d, f"{pre}IVF{o['nlist']},PQ{o['pq_m']}x8", faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+            ivf.do_polysemous_training = False  # index_factory turns it on: minutes of annealing, unused here
+            ivf.pq.cp.min_points_per_centroid = 1  # no FAISS warnings for small first batches
+            ivf.pq.cp.max_points_per_centroid, ivf.pq.cp.niter = 64, 15  # 16k rows per 256-centroid codebook
+            if self.index_type == "opq":
+                opq = faiss.downcast_VectorTransform(index.chain.at(0))
+                opq.max_train_points, opq.niter = 16_384, 10
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.min_points_per_centroid, ivf.cp.max_points_per_centroid, ivf.cp.niter = 1, 32, 10
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # reconstruct/remove by external id
+        if n_train > _TRAIN_SAMPLE:
+            train = train[np.sort(np.random.default_rng(0).choice(n_train, _TRAIN_SAMPLE, replace=False))]
+        index.train(train)
         self._configure(index)
         return index
 
     def _configure(self, index: faiss.Index) -> None:
         """Search-time knobs, which FAISS does not all keep in the file."""
-        if self.index_type == "ivf":
-            index.nprobe = min(self.options["nprobe"], index.nlist)
+        if self.index_type in TRAINED_TYPES:
+            ivf = faiss.extract_index_ivf(index)
+            ivf.nprobe = min(self.options["nprobe"], ivf.nlist)
         elif self.index_type == "hnsw":
             faiss.downcast_index(index.index).hnsw.efSearch = self.options["ef_search"]
 
     def _insert(self, x: np.ndarray, ids: np.ndarray) -> None:
-        if self._index is None:  # IVF: train its coarse quantiser on the first data
-            index = self._new_index(len(x))
-            index.train(x)
-            self._index = index
+        if self._index is None:  # IVF types: train on the first data
+            self._index = self._new_index(x)
         self._index.add_with_ids(x, ids)
         self._gpu_index = None
 
@@ -276,11 +388,22 @@ class Gallery:
         if self.index_type == "hnsw":  # HNSW graphs cannot drop nodes: rebuild without them
             keep = np.setdiff1d(self.ids, ids)
             vectors = self.vectors(keep)
-            self._index = self._new_index(0)
+            self._index = self._new_index(None)
             self._index.add_with_ids(vectors, keep)
         else:
             self._index.remove_ids(ids)
         self._gpu_index = None
+
+    def index_ids(self) -> np.ndarray:
+        """The ids the FAISS index holds (for consistency checks against the id table)."""
+        if self._index is None:
+            return np.empty(0, np.int64)
+        if isinstance(self._index, faiss.IndexIDMap2) or hasattr(self._index, "id_map"):
+            return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        invlists = faiss.extract_index_ivf(self._index).invlists
+        parts = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+                 for i in range(invlists.nlist) if invlists.list_size(i)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.empty(0, np.int64)
 
     def _searcher(self) -> faiss.Index:
         if self.use_gpu and self.index_type != "hnsw":
@@ -290,27 +413,39 @@ class Gallery:
         return self._index
 
     # ---- search ---------------------------------------------------------------------------------
-    def search(self, queries, k: int = 5, threshold: float | None = None) -> list[SearchResult]:
+    def search(self, queries, k: int = 5, threshold: float | None = None, *,
+               nprobe: int | None = None) -> list[SearchResult]:
         """Top-k matches of each probe (N x dim) and the open-set decision: a probe is known iff its
-        best cosine > threshold (the gallery's unless given), as facebce's metrics count accepts."""
+        best cosine > threshold (the gallery's unless given), as facebce's metrics count accepts.
+        `nprobe`: inverted lists visited by IVF types for this call (default: the gallery's)."""
         t = self.threshold if threshold is None else _threshold(threshold, "threshold")
         if t is None:
-            raise FacebceError("threshold: the gallery has none; pass threshold= (e.g. the model's metadata threshold)")
-        scores, ids = self._knn(_unit_rows(queries, self.dim, "queries"), _positive_int(k, "k"))
-        results = []
-        for row_scores, row_ids in zip(scores, ids):
-            matches = [Match(int(i), self._entries[int(i)].identity, float(s))
-                       for s, i in zip(row_scores, row_ids) if i >= 0]
-            best = matches[0] if matches else None
-            known = best is not None and best.score > t
-            results.append(SearchResult(matches, best.identity if known else None,
-                                        best.score if best else float("-inf"), t))
-        return results
+            raise FacebceError("threshold: the gallery has none; pass threshold= or set one "
+                               "(facebce gallery set-threshold)")
+        scores, ids = self.knn(unit_rows(queries, "queries", dim=self.dim), _positive_int(k, "k"), nprobe=nprobe)
+        return [self._result(s, i, t) for s, i in zip(scores, ids)]
 
-    def _knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _result(self, row_scores, row_ids, t: float) -> SearchResult:
+        matches = [Match(int(i), self._entries[int(i)].identity, float(s), self._entries[int(i)].source)
+                   for s, i in zip(row_scores, row_ids) if i >= 0]
+        best = matches[0] if matches else None
+        known = best is not None and best.score > t
+        return SearchResult(matches, best.identity if known else None, best.score if best else float("-inf"), t)
+
+    def knn(self, queries: np.ndarray, k: int, *, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the top-k of unit-row `queries`; ids -1 where fewer than k were found."""
         if not self._entries:
             raise FacebceError("search: the gallery is empty; add embeddings first")
         searcher, k = self._searcher(), min(k, len(self))
+        if nprobe is not None and self.index_type in TRAINED_TYPES:
+            ivf = faiss.extract_index_ivf(self._index)
+            nprobe = min(_positive_int(nprobe, "nprobe"), ivf.nlist)
+            with self._search_lock:
+                saved, ivf.nprobe = ivf.nprobe, nprobe
+                try:
+                    return self._index.search(queries, k)
+                finally:
+                    ivf.nprobe = saved
         if self.index_type != "flat" or self._gpu_index is not None:
             return searcher.search(queries, k)
         if len(queries) < _BLAS_MIN_QUERIES:
@@ -322,6 +457,8 @@ class Gallery:
                 return searcher.search(queries, k)
             finally:
                 faiss.cvar.distance_compute_blas_threshold = saved
+
+    _knn = knn  # the name tools and older code used
 
     def _scan_few(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k of a few probes over the flat index's own storage (a view, no copy) with one
@@ -337,77 +474,122 @@ class Gallery:
         order = np.argsort(-top_scores, axis=1, kind="stable")
         return np.take_along_axis(top_scores, order, axis=1), ids[np.take_along_axis(top, order, axis=1)]
 
-    # ---- files ----------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write `path` (FAISS index) and `path.json` (sidecar) atomically as a pair (module docstring)."""
-        index_path = Path(path)
-        sidecar_path = _sidecar_path(index_path)
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        # An IVF gallery that never had data has no index yet: an empty flat one stands in (load sees ntotal 0).
-        index = self._index if self._index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        data = faiss.serialize_index(index)
-        sidecar = self._sidecar(hashlib.sha256(data).hexdigest())
-        _write_synced(_tmp(index_path), data.tobytes())
-        _write_synced(_tmp(sidecar_path), json.dumps(sidecar, indent=1).encode())
-        os.replace(_tmp(index_path), index_path)
-        os.replace(_tmp(sidecar_path), sidecar_path)
-        _sync_dir(index_path.parent)
-
-    def _sidecar(self, index_sha256: str) -> dict:
-        return {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, "dim": self.dim, "metric": _METRIC,
-                "index_type": self.index_type, "mode": self.mode, "threshold": self.threshold,
-                "options": self.options, "next_id": self._next_id, "count": len(self),
-                "index_sha256": index_sha256,
-                "entries": [self._record(i, e) for i, e in sorted(self._entries.items())]}
-
+    # ---- records (the store's sidecar) ----------------------------------------------------------
     def _record(self, id: int, e: _Entry) -> dict:
         record = {"id": id, "identity": e.identity, "source": e.source}
         if self.mode == "mean":
             record.update(count=e.count, mean_norm=e.mean_norm)
         return record
 
+    def settings(self) -> dict:
+        """What `Gallery(**settings)` needs to make an empty gallery like this one."""
+        return {"dim": self.dim, "index_type": self.index_type, "mode": self.mode, "threshold": self.threshold,
+                **{k: v for k, v in self.options.items()}}
+
+    # ---- files (the FAISS store's checkpoint format) --------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this gallery to `path` as a FAISS store (index, sidecar, empty journal), replacing what
+        is there, under the store's writers' lock."""
+        from facebce.deploy.store import FaissStore
+        FaissStore.write_gallery(path, self)
+
     @classmethod
     def load(cls, path: str | os.PathLike, *, dim: int | None = None, use_gpu: bool | None = None) -> Gallery:
-        """Read a saved gallery, checking format version, index/sidecar consistency and (if given) `dim`."""
-        index_path = Path(path)
-        sidecar_path = _sidecar_path(index_path)
-        data = _read(index_path)
-        digest = hashlib.sha256(data).hexdigest()
-        meta = _read_sidecar(sidecar_path)
-        if meta.get("index_sha256") != digest:
-            meta = _finish_interrupted_save(sidecar_path, digest)
-            if meta is None:
-                raise DataFormatError(f"{index_path}: index file does not match {sidecar_path.name} (SHA-256 "
-                                      f"differs): corrupted, or replaced without its sidecar")
-        gallery = _gallery_from_sidecar(meta, sidecar_path, use_gpu)
-        if dim is not None and gallery.dim != dim:
-            raise DataFormatError(f"{index_path}: gallery embeddings are {gallery.dim}-d, the model gives {dim}-d")
-        try:
-            index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-        except RuntimeError as e:
-            detail = " ".join(str(e).split())[-120:]  # FAISS prefixes the C++ location; keep the reason
-            raise DataFormatError(f"{index_path}: not a readable FAISS index ({detail})") from None
-        if index.d != gallery.dim or index.ntotal != len(gallery):
-            raise DataFormatError(f"{index_path}: index holds {index.ntotal} x {index.d}-d vectors but "
-                                  f"{sidecar_path.name} lists {len(gallery)} x {gallery.dim}-d")
-        if index.ntotal or gallery.index_type != "ivf":
-            gallery._configure(index)
-            gallery._index = index
-        return gallery
+        """Read the gallery a FAISS store at `path` holds now (checkpoint + journal), checking `dim`."""
+        from facebce.deploy.store import FaissStore
+        with FaissStore(path, dim=dim, use_gpu=use_gpu) as store:
+            return store.gallery
 
 
-def recall_against_exact(gallery: Gallery, queries, k: int = 10) -> float:
+def open_gallery(spec: str | os.PathLike, *, dim: int | None = None, create: bool | dict = False,
+                 threshold: float | None = None, lock_timeout: float = 30.0, **options):
+    """Open (or with `create`, make) the gallery store named by `spec`.
+
+    `spec`: a path (FAISS on local disk, the default) or `milvus://HOST:PORT/COLLECTION` or
+    `milvus+lite://PATH.db/COLLECTION`. `dim`: checked against the gallery (required to create).
+    `create=True` (or a dict of Gallery options: index_type, mode, nlist, nprobe, pq_m, ...) makes a
+    new gallery and refuses when one exists. `threshold`: stored when creating; for an existing
+    gallery it is an error to pass one that differs (use `set_threshold`). `lock_timeout`: seconds a
+    writer waits for another writer's lock. Every mutation is durable when its call returns; searches
+    see the latest committed state (a FAISS store checks its journal before each search).
+    """
+    opts = dict(create) if isinstance(create, dict) else {}
+    opts.update(options)
+    if is_uri(spec):
+        from facebce.deploy.milvus_store import MilvusStore
+        return MilvusStore(str(spec), dim=dim, create=bool(create), threshold=threshold, **opts)
+    from facebce.deploy.store import FaissStore
+    return FaissStore(spec, dim=dim, create=bool(create), threshold=threshold, lock_timeout=lock_timeout, **opts)
+
+
+def is_uri(spec) -> bool:
+    return isinstance(spec, str) and spec.startswith(("milvus://", "milvus+lite://"))
+
+
+def resolve_threshold(value, model=None) -> tuple[float, str]:
+    """The pair threshold a gallery uses, and one line saying where it came from.
+
+    `value`: a number or a numeric string (the user's), or None: then the model's metadata pair
+    threshold when it has one (OnnxEmbedder metadata `threshold`, with `threshold_source` "user" or
+    "calibrated"). A model that carries only its head's learned class-centre threshold (b/gamma,
+    `learned_threshold`) is refused: that threshold scores embeddings against class centres, not
+    against each other, and accepts far too many impostors on pairs. Every way of giving a
+    threshold to `gallery build` / `set-threshold` goes through here.
+    """
+    if value is not None:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise FacebceError(f"--threshold {value!r}: expected a cosine threshold in [-1, 1]") from None
+        return _threshold(value, "threshold"), f"threshold {float(value):.4f} (given)"
+    meta = dict(getattr(model, "metadata", None) or {})
+    name = getattr(model, "name", "the model")
+    if meta.get("threshold") is not None:
+        t = _threshold(model.threshold, "threshold")
+        source = meta.get("threshold_source")
+        if source is None and (meta.get("head") or meta.get("bias")):
+            raise FacebceError(f"{name}: its metadata threshold has no threshold_source and the model was exported "
+                               f"from a training run, so it may be the head's class-centre threshold b/gamma; "
+                               f"pass --threshold or calibrate one on pairs")
+        extra = f", target FAR {meta['threshold_target_far']}" if meta.get("threshold_target_far") else ""
+        return t, f"threshold {t:.4f} from {name}'s metadata (source: {source or 'not recorded'}{extra})"
+    if meta.get("learned_threshold") is not None:
+        raise FacebceError(f"{name}: no pair threshold in its metadata, only the head's learned class-centre "
+                           f"threshold b/gamma={meta['learned_threshold']} (not for galleries); pass --threshold "
+                           f"or calibrate one on pairs")
+    raise FacebceError(f"{name}: no pair threshold in its metadata; pass --threshold or calibrate one on pairs")
+
+
+def escape_name(name: str) -> str:
+    """An identity name as one printable line: backslash and every non-printable character escaped
+    (newline -> \\n, control -> \\xNN, lone surrogates from undecodable file names -> \\udcNN)."""
+    out = []
+    for ch in name:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch) or
+                       (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
+                        f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"))
+    return "".join(out)
+
+
+def recall_against_exact(gallery: Gallery, queries, k: int = 10, *, nprobe: int | None = None) -> float:
     """Mean fraction of the exact top-k (brute-force cosine over the stored vectors) that the
-    gallery's index returns: how much an IVF/HNSW index loses to its approximations."""
+    gallery's index returns: how much an IVF/HNSW index loses to its approximations. (For PQ types
+    the stored vectors are the codes' reconstructions; compare against the original vectors instead.)"""
     k = _positive_int(k, "k")
     if k > len(gallery):
         raise FacebceError(f"k={k}: the gallery has only {len(gallery)} entries")
-    q = _unit_rows(queries, gallery.dim, "queries")
+    q = unit_rows(queries, "queries", dim=gallery.dim)
     ids = gallery.ids
     exact = faiss.IndexFlatIP(gallery.dim)
     exact.add(gallery.vectors(ids))
     _, rows = exact.search(q, k)
-    _, approx = gallery._knn(q, k)
+    _, approx = gallery.knn(q, k, nprobe=nprobe)
     hits = [len(set(ids[r].tolist()) & set(a.tolist())) for r, a in zip(rows, approx)]
     return float(np.mean(hits) / k)
 
@@ -423,21 +605,6 @@ def _threshold(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -1.0 <= value <= 1.0:
         raise FacebceError(f"{name}={value!r}: expected a cosine threshold in [-1, 1]")
     return float(value)
-
-
-def _unit_rows(x, dim: int, name: str) -> np.ndarray:
-    """float32 N x dim with unit rows; NaN/Inf, zero rows and wrong widths are errors naming `name`."""
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[1] != dim or x.dtype.kind not in "fiu":
-        raise DataFormatError(f"{name}: shape {x.shape} {x.dtype}, expected N x {dim} floats")
-    x = x.astype(np.float32)
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-    if bad.size:
-        raise DataFormatError(f"{name}: {bad.size} rows contain NaN/Inf (first: row {bad[0]})")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise DataFormatError(f"{name}: row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros")
-    return np.ascontiguousarray(x / norms)
 
 
 def _id_array(ids) -> np.ndarray:
@@ -461,81 +628,3 @@ def _sources(sources, n: int) -> list[str | None]:
     if len(sources) != n or not all(s is None or isinstance(s, str) for s in sources):
         raise DataFormatError(f"sources: expected {n} file names (or None), got {len(sources)} items")
     return sources
-
-
-# ---- files --------------------------------------------------------------------------------------
-def _sidecar_path(index_path: Path) -> Path:
-    return index_path.with_name(index_path.name + ".json")
-
-
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _sync_dir(folder: Path) -> None:
-    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise DataFormatError(f"{path}: cannot read the gallery index ({e.strerror})") from None
-
-
-def _read_sidecar(path: Path) -> dict:
-    try:
-        meta = json.loads(_read(path))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataFormatError(f"{path}: gallery sidecar is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != GALLERY_FORMAT:
-        raise DataFormatError(f"{path}: not a facebce gallery sidecar (format != {GALLERY_FORMAT!r})")
-    if meta.get("version") != GALLERY_VERSION:
-        raise DataFormatError(f"{path}: gallery version {meta.get('version')!r}; this facebce reads {GALLERY_VERSION}")
-    return meta
-
-
-def _finish_interrupted_save(sidecar_path: Path, digest: str) -> dict | None:
-    """The index was renamed but the sidecar not: the complete new sidecar is still `<sidecar>.tmp`."""
-    pending = _tmp(sidecar_path)
-    if not pending.exists():
-        return None
-    meta = _read_sidecar(pending)
-    if meta.get("index_sha256") != digest:
-        return None
-    os.replace(pending, sidecar_path)
-    return meta
-
-
-def _gallery_from_sidecar(meta: dict, where: Path, use_gpu: bool | None) -> Gallery:
-    """Rebuild the Gallery object (without its index) from a validated sidecar."""
-    try:
-        o = meta["options"]
-        gallery = Gallery(meta["dim"], index_type=meta["index_type"], mode=meta["mode"], threshold=meta["threshold"],
-                          nlist=o["nlist"], nprobe=o["nprobe"], hnsw_m=o["hnsw_m"],
-                          ef_construction=o["ef_construction"], ef_search=o["ef_search"], use_gpu=use_gpu)
-        for r in meta["entries"]:
-            gallery._entries[int(r["id"])] = _Entry(str(r["identity"]), r["source"], int(r.get("count", 1)),
-                                                     float(r.get("mean_norm", 1.0)))
-        gallery._next_id = int(meta["next_id"])
-        count = int(meta["count"])
-    except (KeyError, TypeError, ValueError, FacebceError) as e:
-        raise DataFormatError(f"{where}: malformed gallery sidecar ({type(e).__name__}: {e})") from None
-    if count != len(gallery) or len(meta["entries"]) != count:
-        raise DataFormatError(f"{where}: sidecar count {count} but {len(meta['entries'])} entries (duplicate ids?)")
-    return gallery

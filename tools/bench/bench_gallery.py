@@ -8,8 +8,11 @@ its BLAS path when nq * d >= `distance_compute_blas_threshold` (128000, tuned fo
 faiss PR #5109), so at d=512 a batch under 250 probes is scanned query by query; the "BLAS" row
 lowers that global threshold for the one call, to show what a few-core machine gives up.
 
+`ann_vs_flat` (suite.py's gallery area, `--ann N`) compares the approximate index facebce picks
+for a size and memory budget (OPQ + IVF-PQ) with exact flat search on one face-like gallery.
+
 Usage: python tools/bench/bench_gallery.py [--n 100000] [--dim 512] [--queries 64] [--k 5]
-       [--repeats 3] [--threads N]
+       [--repeats 3] [--threads N] [--ann N [--memory-gb G]]
 """
 from __future__ import annotations
 
@@ -36,6 +39,90 @@ def numpy_topk(gallery: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(top, order, axis=1)
 
 
+def face_like_chunk(n_ids_total: int, start: int, rows: int, dim: int, seed: int) -> np.ndarray:
+    """Rows [start, start + rows) of a synthetic face gallery: identities of 5-20 images each (about
+    12.5 on average), each image at cosine ~0.7 to its identity's centre. Deterministic per chunk, so
+    a 1M x 512 gallery can be streamed into two indexes without holding a second copy."""
+    ids = (np.arange(start, start + rows) / 12.5).astype(np.int64) % n_ids_total
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    centres = identity_centres(uniq, dim, seed)[inverse]
+    noise = np.random.default_rng([seed, start]).standard_normal((rows, dim), dtype=np.float32) / np.sqrt(dim)
+    x = centres + noise
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def identity_centres(ids: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """Unit centre of each identity id, computed from (seed, id) alone."""
+    out = np.empty((len(ids), dim), np.float32)
+    for k, i in enumerate(ids):
+        out[k] = np.random.default_rng([seed, 1_000_003, int(i)]).standard_normal(dim, dtype=np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def ann_vs_flat(n: int, dim: int = 512, *, memory_gb: float | None = None, probes: int = 400, nprobes=(16, 64),
+                seed: int = 0, say=print, chunk: int = 100_000) -> list[dict]:
+    """Flat (exact) and the index `choose_index` picks for n x dim (OPQ + IVF-PQ) on the same face-like
+    gallery, queried with the same probes (half of enrolled identities, half strangers): single-query
+    QPS (interleaved, so both see the same machine load), index memory, recall@1 / @10 against flat,
+    top-1 identity agreement and open-set decision agreement at a threshold between the two groups."""
+    from facebce.deploy.gallery import Gallery, choose_index
+    n_ids = int(n / 12.5)
+    options = choose_index(max(n, 200_001), dim, memory_gb)
+    index_type = options.pop("index_type")
+    t0 = time.perf_counter()
+    first = face_like_chunk(n_ids, 0, min(chunk, n), dim, seed)
+    approx = Gallery(dim, index_type=index_type, **options)
+    approx.add(first, ["x"] * len(first))  # trains on (a sample of) the first chunk
+    flat = Gallery(dim)
+    flat.add(first, ["x"] * len(first))
+    del first
+    for s in range(chunk, n, chunk):
+        x = face_like_chunk(n_ids, s, min(chunk, n - s), dim, seed)
+        approx.add(x, ["x"] * len(x))
+        flat.add(x, ["x"] * len(x))
+    build = time.perf_counter() - t0
+    say(f"[gallery] built flat and {index_type} {options} over {n:,} x {dim} in {build:.0f} s")
+    rng = np.random.default_rng(seed + 1)
+    known = identity_centres(rng.integers(0, n_ids, probes // 2), dim, seed)
+    known = known + rng.standard_normal(known.shape, dtype=np.float32) / np.sqrt(dim)
+    strangers = rng.standard_normal((probes - probes // 2, dim), dtype=np.float32)
+    q = np.concatenate([known, strangers]).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact_s, exact_i = flat.knn(q, 10)
+    threshold = float((exact_s[: probes // 2, 0].mean() + exact_s[probes // 2:, 0].mean()) / 2)
+    flat_bytes = n * (4 * dim + 8)
+    pq_bytes = len(faiss.serialize_index(approx._index))
+    rows = []
+    for nprobe in nprobes:
+        s_, i_ = approx.knn(q, 10, nprobe=nprobe)
+        recall1 = float(np.mean(i_[:, 0] == exact_i[:, 0]))
+        recall10 = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i_, exact_i)]))
+        who = float(np.mean((i_[:, 0] / 12.5).astype(np.int64) % n_ids
+                            == (exact_i[:, 0] / 12.5).astype(np.int64) % n_ids))  # the same identity
+        agree = float(np.mean((s_[:, 0] > threshold) == (exact_s[:, 0] > threshold)))
+        mated_recall1 = float(np.mean(i_[: probes // 2, 0] == exact_i[: probes // 2, 0]))  # enrolled people only
+        t_flat, t_ann = [], []
+        for k in range(min(probes, 60)):  # interleaved single queries
+            a = time.perf_counter()
+            flat.knn(q[k:k + 1], 5)
+            b = time.perf_counter()
+            approx.knn(q[k:k + 1], 5, nprobe=nprobe)
+            t_ann.append(time.perf_counter() - b)
+            t_flat.append(b - a)
+        qps_flat, qps_ann = 1 / float(np.median(t_flat)), 1 / float(np.median(t_ann))
+        rows.append({"n": n, "dim": dim, "index": index_type, **options, "nprobe": nprobe, "recall@1": recall1,
+                     "recall@10": recall10, "mated_recall@1": mated_recall1, "top1_identity": who,
+                     "decision_agreement": agree,
+                     "threshold": threshold, "qps_flat": qps_flat, "qps_ann": qps_ann,
+                     "flat_bytes": flat_bytes, "ann_bytes": pq_bytes, "build_s": build})
+        say(f"[gallery] {n:,} x {dim} {index_type} nprobe {nprobe}: recall@1 {recall1:.3f} @10 {recall10:.3f}, "
+            f"mated probes' recall@1 {mated_recall1:.3f}, top-1 identity {who:.3f}, "
+            f"decision agreement {agree:.4f} at t={threshold:.3f}; 1-query QPS "
+            f"{qps_ann:.0f} vs flat {qps_flat:.1f} ({qps_ann / qps_flat:.1f}x); memory {pq_bytes / 1e6:.0f} MB "
+            f"vs {flat_bytes / 1e6:.0f} MB")
+    return rows
+
+
 def with_blas(fn):
     """Run `fn` with FAISS's exhaustive search forced onto its BLAS path, restoring the global after."""
     def run():
@@ -56,9 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ann", type=int, help="instead: OPQ/IVF-PQ vs flat on an N x dim face-like gallery")
+    ap.add_argument("--memory-gb", type=float)
     args = ap.parse_args(argv)
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
+    if args.ann:
+        ann_vs_flat(args.ann, args.dim, memory_gb=args.memory_gb)
+        return
     rng = np.random.default_rng(0)
     data = rng.standard_normal((args.n, args.dim), dtype=np.float32)
     data /= np.linalg.norm(data, axis=1, keepdims=True)

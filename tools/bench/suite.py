@@ -22,7 +22,10 @@ a warm-up. Areas (--only picks some):
            batch 1 and 32, images/s.
   gallery  FAISS flat search through facebce's Gallery at 100k and 1M x 512 vs numpy brute force,
            1 query and 64-query batches; one query's gallery scan in GB/s as a fraction of the
-           memory bandwidth of a large numpy copy measured in the same run (the roofline).
+           memory bandwidth of a large numpy copy measured in the same run (the roofline). Then the
+           IVF-PQ index facebce chooses for 1M x 512 (10M with --large) vs exact flat on one face-like
+           synthetic gallery (identities of ~12 images at cosine ~0.7): single-query QPS interleaved,
+           index memory, recall@1/@10 against flat and open-set decision agreement.
 
     python tools/bench/suite.py [--only data train eval onnx gallery] [--quick] [--out runs/bench]
 
@@ -404,6 +407,18 @@ def bench_gallery(args) -> list[Row]:
         say(f"[gallery] {label}: 1 query {1 / t1:.1f} q/s ({scan:.1f} GB/s, {scan / copy_gbs:.0%} of copy) vs numpy "
             f"{1 / n1:.1f}; batch of {args.queries}: {args.queries / tb:.0f} q/s vs numpy {args.queries / nb:.0f}")
         del gallery, data
+    for n in ([50_000] if args.quick else args.gallery_ann_sizes + ([10_000_000] if args.large else [])):
+        label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
+        for r in bg.ann_vs_flat(n, 512, memory_gb=args.memory_gb, say=say):
+            rows += [
+                Row("gallery", f"{r['index']} {label} x 512 (nlist {r['nlist']}, {r['pq_m']} B codes, nprobe "
+                    f"{r['nprobe']}), 1 query", r["qps_ann"], r["qps_flat"], "queries/s", r["qps_ann"] / r["qps_flat"],
+                    10.0, "flat (exact), interleaved in the same run",
+                    f"recall@1 {r['recall@1']:.3f}, recall@10 {r['recall@10']:.3f}, top-1 identity "
+                    f"{r['top1_identity']:.3f}, open-set decision agreement {r['decision_agreement']:.4f}"),
+                Row("gallery", f"{r['index']} {label} x 512, index memory", r["ann_bytes"] / 1e6, r["flat_bytes"] / 1e6,
+                    "MB", r["flat_bytes"] / r["ann_bytes"], None, "flat index (vectors + ids)"),
+            ]
     return rows
 
 
@@ -451,6 +466,10 @@ def main(argv=None) -> int:
     ap.add_argument("--onnx-batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--gallery-sizes", nargs="+", type=int, default=[100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=64)
+    ap.add_argument("--gallery-ann-sizes", nargs="+", type=int, default=[1_000_000],
+                    help="gallery: IVF-PQ (chosen by facebce for the size and --memory-gb) vs flat at these sizes")
+    ap.add_argument("--memory-gb", type=float, default=None, help="gallery: memory budget for the IVF-PQ choice")
+    ap.add_argument("--large", action="store_true", help="gallery: also 10M x 512 (about 20 GB for flat)")
     args = ap.parse_args(argv)
     if args.quick:
         args.archs = ["mbf"]
