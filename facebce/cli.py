@@ -150,11 +150,12 @@ def _cmd_gallery(args) -> None:
         print(f"{args.gallery}: renamed {n} entries {escape_name(inputs[0])} -> {escape_name(inputs[1])}")
         return
     embedder = _model_spec(args).build(flip=not args.no_flip, normalize=True) if args.model else None
+    args.threshold = _calibrated(args.threshold, args)
     if action == "set-threshold":
         if len(inputs) > 1 or (inputs and args.threshold is not None):
             raise FacebceError("gallery set-threshold: give GALLERY VALUE (or --threshold VALUE, or --model to "
                                "take the model's pair threshold)")
-        value = inputs[0] if inputs else args.threshold
+        value = _calibrated(inputs[0], args) if inputs else args.threshold
         if value is None and embedder is None:
             raise FacebceError("gallery set-threshold: give a value, --threshold or --model")
         print(enrol.set_gallery_threshold(args.gallery, value, embedder, lock_timeout=args.lock_timeout))
@@ -174,6 +175,16 @@ def _cmd_gallery(args) -> None:
     else:
         print(enrol.format_results(enrol.search_files(args.gallery, embedder, inputs, k=args.k,
                                                       threshold=args.threshold, nprobe=args.nprobe)))
+
+
+def _calibrated(value, args):
+    """calibrated:CALIB.json -> the verified ThresholdSpec, checked against --model's weights (the gallery
+    resolver reads it; without --model only the file's checksum is checked)."""
+    if value is None or not str(value).startswith("calibrated:") or not args.model:
+        return value
+    from facebce.eval.calibrate import resolve_threshold_spec
+    from facebce.eval.model_loading import file_digest
+    return resolve_threshold_spec(value, model_digest=file_digest(_model_spec(args).weights_file))
 
 
 def _cmd_align(args) -> None:

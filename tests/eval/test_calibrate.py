@@ -317,3 +317,36 @@ def test_round_trip_through_export_metadata(tmp_path):
                                 tmp_path / "no_ci.json", report=False)
     with pytest.raises(ConfigError, match="no bootstrap interval"):
         threshold_option(f"calibrated:{no_ci}")
+
+
+def test_round_trip_through_the_gallery(tmp_path, capsys):
+    """calib.json -> `facebce gallery build/set-threshold --threshold calibrated:` -> the gallery's threshold."""
+    from facebce.cli import main
+    from facebce.deploy.gallery import open_gallery, resolve_threshold
+    from facebce.eval.model_loading import file_digest
+
+    from facebce.data.synthetic import write_image_folder
+
+    write_image_folder(SyntheticFaces(3, 2, seed=4), tmp_path / "faces")
+    model = _random_onnx(tmp_path / "m.onnx", 0)
+    cal = C.calibrate_scored(_two_sets(), 1e-2, replicates=50, model={"digest": file_digest(model), "path": "m.onnx"})
+    path = C.write_calibration(cal, tmp_path / "calib.json", report=False)
+    common = ["--model", str(model), "--mean", "127.5", "--std", "127.5"]
+    g = str(tmp_path / "g.faiss")
+    assert main(["gallery", "build", g, str(tmp_path / "faces"), *common, "--threshold", f"calibrated:{path}"]) == 0
+    assert f"threshold {cal.threshold:.4f} (calibrated at FAR 0.01" in capsys.readouterr().out
+    with open_gallery(g) as store:
+        assert store.threshold == cal.threshold
+    other = _random_onnx(tmp_path / "other.onnx", 1)
+    assert main(["gallery", "set-threshold", g, f"calibrated:{path}", "--model", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert "calibrated with another model" in err and err.count("\n") == 1
+    doc = json.loads(path.read_text())
+    doc["threshold"] = 0.1
+    (tmp_path / "edited.json").write_text(json.dumps(doc))
+    assert main(["gallery", "set-threshold", g, f"calibrated:{tmp_path / 'edited.json'}"]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+    with open_gallery(g) as store:
+        assert store.threshold == cal.threshold  # nothing changed by the refused calls
+    t, why = resolve_threshold(C.resolve_threshold_spec(f"calibrated:{path}"))
+    assert t == cal.threshold and "calibrated" in why
