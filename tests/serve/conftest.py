@@ -25,7 +25,8 @@ START_TIMEOUT = 240.0  # seconds; the CPU is shared and importing torch + loadin
 def need_shared() -> None:
     for p in (MODEL, LFW):
         if not p.exists():
-            pytest.skip(f"real data not found: {p} (put the team's shared/ folder beside the repo or set FACEBCE_SHARED)")
+            pytest.skip(f"real data not found: {p} (put the team's shared/ folder beside the repo or set "
+                        f"FACEBCE_SHARED)")
 
 
 def free_port() -> int:
