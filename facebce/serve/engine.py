@@ -262,7 +262,12 @@ class Engine:
         k = max(params)
         if len(self.store) == 0:
             return [None] * len(queries)
-        return self.store.search(queries, k=min(k, self.config.max_k))
+        try:
+            return self.store.search(queries, k=min(k, self.config.max_k))
+        except FacebceError:
+            if len(self.store) == 0:  # emptied by a delete since the check above
+                return [None] * len(queries)
+            raise
 
     async def search(self, queries: np.ndarray, k: int) -> list:
         """Top-k SearchResults of each row (None for every row while the gallery is empty)."""

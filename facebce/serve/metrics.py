@@ -30,7 +30,8 @@ class _Histogram:
         sep = "," if labels else ""
         out = [f'{name}_bucket{{{labels}{sep}le="{_num(b)}"}} {c}' for b, c in zip(self.buckets, self.counts)]
         out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.n}')
-        out.append(f"{name}_sum{{{labels}}} {self.sum:.6f}" if labels else f"{name}_sum {self.sum:.6f}")
+        total = str(int(self.sum)) if float(self.sum).is_integer() else f"{self.sum:.6f}"
+        out.append(f"{name}_sum{{{labels}}} {total}" if labels else f"{name}_sum {total}")
         out.append(f"{name}_count{{{labels}}} {self.n}" if labels else f"{name}_count {self.n}")
         return out
 
