@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from facebce.deploy import Gallery, OnnxEmbedder, recall_against_exact
-from facebce.deploy.gallery import INDEX_TYPES
+from facebce.deploy import Gallery, OnnxEmbedder, open_gallery, recall_against_exact
+from facebce.deploy.gallery import EXACT_TYPES
 from facebce.errors import DataFormatError, FacebceError
 from facebce.eval.identification import open_set_identification, operating_point
 from facebce.models.embedder import Preprocess
@@ -43,7 +43,7 @@ def _gallery(index_type: str, **kwargs) -> Gallery:
 
 
 # ---- round trip -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("index_type", INDEX_TYPES)
+@pytest.mark.parametrize("index_type", EXACT_TYPES)
 def test_add_remove_search_save_load(tmp_path, enrolled, index_type):
     x, names, sources = enrolled
     g = _gallery(index_type)
@@ -67,6 +67,7 @@ def test_add_remove_search_save_load(tmp_path, enrolled, index_type):
     assert h.info() == g.info() and h.ids.tolist() == g.ids.tolist()
     kept = next(i for i in range(120) if i not in removed)
     assert h.entry(kept) == {"id": kept, "identity": names[kept], "source": sources[kept]}
+    assert h.search(x[kept:kept + 1], k=1)[0].matches[0].source == sources[kept]
     probes = x[10:30]
     assert [[(m.id, m.identity) for m in r.matches] for r in h.search(probes, k=4)] == \
            [[(m.id, m.identity) for m in r.matches] for r in g.search(probes, k=4)]
@@ -176,13 +177,14 @@ def _crash_on_replace(monkeypatch, call: int):
     monkeypatch.setattr(os, "replace", replace)
 
 
-def test_crash_before_the_renames_keeps_the_previous_gallery(tmp_path, enrolled, monkeypatch):
+@pytest.mark.parametrize("call", [1, 2])
+def test_crash_before_the_renames_keeps_the_previous_gallery(tmp_path, enrolled, monkeypatch, call):
     x, names, _ = enrolled
     g = Gallery(DIM, threshold=0.5)
     g.add(x[:50], names[:50])
     g.save(tmp_path / "g.faiss")
     g.add(x[50:], names[50:])
-    _crash_on_replace(monkeypatch, call=1)
+    _crash_on_replace(monkeypatch, call=call)
     with pytest.raises(KeyboardInterrupt):
         g.save(tmp_path / "g.faiss")
     monkeypatch.undo()
@@ -195,12 +197,15 @@ def test_crash_between_the_renames_is_finished_on_load(tmp_path, enrolled, monke
     g.add(x[:50], names[:50])
     g.save(tmp_path / "g.faiss")
     g.add(x[50:], names[50:])
-    _crash_on_replace(monkeypatch, call=2)  # index renamed, sidecar not
+    _crash_on_replace(monkeypatch, call=3)  # pending sidecar and index renamed, sidecar not
     with pytest.raises(KeyboardInterrupt):
         g.save(tmp_path / "g.faiss")
     monkeypatch.undo()
-    assert len(Gallery.load(tmp_path / "g.faiss")) == 120
-    assert not (tmp_path / "g.faiss.json.tmp").exists()
+    assert len(Gallery.load(tmp_path / "g.faiss")) == 120  # a reader uses the pending sidecar
+    assert (tmp_path / "g.faiss.json.next").exists()  # ... and leaves the files alone
+    with open_gallery(tmp_path / "g.faiss") as store:  # a writer finishes the checkpoint
+        store.set_threshold(0.6)
+    assert not (tmp_path / "g.faiss.json.next").exists() and len(Gallery.load(tmp_path / "g.faiss")) == 120
 
 
 def test_index_and_sidecar_that_do_not_match(tmp_path, enrolled):
@@ -220,13 +225,13 @@ def test_bad_embeddings_ids_and_searches(enrolled):
     g = Gallery(DIM, threshold=0.5)
     with pytest.raises(FacebceError, match="search: the gallery is empty"):
         g.search(x[:1])
-    with pytest.raises(DataFormatError, match=rf"embeddings: shape \(3, 16\) float32, expected N x {DIM}"):
+    with pytest.raises(DataFormatError, match=rf"embeddings: shape \(3, 16\) float32, expected N x {DIM} numbers"):
         g.add(np.ones((3, 16), np.float32), ["a"] * 3)
     bad = x[:3].copy()
     bad[1, 4] = np.nan
-    with pytest.raises(DataFormatError, match="embeddings: 1 rows contain NaN/Inf \\(first: row 1\\)"):
+    with pytest.raises(DataFormatError, match="embeddings: 1 rows contain NaN or Inf \\(first: row 1\\)"):
         g.add(bad, ["a"] * 3)
-    with pytest.raises(DataFormatError, match="embeddings: row 0 is all zeros"):
+    with pytest.raises(DataFormatError, match="embeddings: 1 rows have zero norm \\(first: row 0\\)"):
         g.add(np.zeros((1, DIM)), ["a"])
     with pytest.raises(DataFormatError, match="identities: expected 3 non-empty strings, got 2"):
         g.add(x[:3], ["a", "b"])
@@ -236,16 +241,23 @@ def test_bad_embeddings_ids_and_searches(enrolled):
     with pytest.raises(FacebceError, match=r"ids: duplicate ids \[5\]"):
         g.add(x[3:5], ["b"] * 2, ids=[7, 5])
     assert len(g) == 3  # failed adds changed nothing
-    with pytest.raises(DataFormatError, match=rf"queries: shape \(1, 8\) float32, expected N x {DIM}"):
+    with pytest.raises(DataFormatError, match=rf"queries: shape \(1, 8\) float32, expected N x {DIM} numbers"):
         g.search(np.ones((1, 8), np.float32))
     with pytest.raises(FacebceError, match=r"ids: not in the gallery: \[99\]"):
         g.remove(ids=[99])
-    with pytest.raises(FacebceError, match=r"identity: not in the gallery: \['nobody'\]"):
+    with pytest.raises(FacebceError, match=r"identity: not in the gallery: nobody"):
         g.remove(identity="nobody")
     with pytest.raises(FacebceError, match="threshold=2.0: expected a cosine threshold"):
         g.search(x[:1], threshold=2.0)
     with pytest.raises(FacebceError, match="index_type='lsh'"):
         Gallery(DIM, index_type="lsh")
+
+
+def _resign(path, meta: dict) -> None:
+    """Write a sidecar with a valid checksum: the deeper checks must catch what it says."""
+    from facebce.deploy.store import _sidecar_digest
+    meta = {k: v for k, v in meta.items() if k != "sidecar_sha256"}
+    path.write_text(json.dumps({**meta, "sidecar_sha256": _sidecar_digest(meta)}))
 
 
 def test_corrupt_files(tmp_path, enrolled):
@@ -259,18 +271,39 @@ def test_corrupt_files(tmp_path, enrolled):
     with pytest.raises(DataFormatError, match=rf"g\.faiss: gallery embeddings are {DIM}-d, the model gives 512-d"):
         Gallery.load(path, dim=512)
 
-    sidecar.write_text(json.dumps({**meta, "version": 99}))
-    with pytest.raises(DataFormatError, match=r"g\.faiss\.json: gallery version 99; this facebce reads 1"):
+    sidecar.write_text(json.dumps({**meta, "threshold": 0.1}))  # edited without its checksum
+    with pytest.raises(DataFormatError, match=r"g\.faiss\.json: sidecar checksum mismatch"):
         Gallery.load(path)
-    sidecar.write_text(json.dumps({k: v for k, v in meta.items() if k != "options"}))
+    _resign(sidecar, {**meta, "version": 99})
+    with pytest.raises(DataFormatError, match=r"g\.faiss\.json: gallery version 99; this facebce reads 1 and 2"):
+        Gallery.load(path)
+    _resign(sidecar, {k: v for k, v in meta.items() if k != "nprobe"})
     with pytest.raises(DataFormatError, match=r"g\.faiss\.json: malformed gallery sidecar \(KeyError"):
         Gallery.load(path)
-    sidecar.write_text(json.dumps({**meta, "entries": meta["entries"][:-1]}))
+    _resign(sidecar, {**meta, "entries": meta["entries"][:-1]})
     with pytest.raises(DataFormatError, match=r"sidecar count 120 but 119 entries"):
+        Gallery.load(path)
+    _resign(sidecar, {**meta, "entries": meta["entries"][:-1], "count": 119})
+    with pytest.raises(DataFormatError, match=r"index holds 120 x 32-d vectors but g\.faiss\.json lists 119"):
+        Gallery.load(path)
+    dup = [*meta["entries"][:-1], {**meta["entries"][-1], "id": 3}]
+    _resign(sidecar, {**meta, "entries": dup})
+    with pytest.raises(DataFormatError, match=r"g\.faiss\.json: entry #119: duplicate id 3"):
+        Gallery.load(path)
+    moved = [*meta["entries"][:-1], {**meta["entries"][-1], "id": 500}]
+    _resign(sidecar, {**meta, "entries": moved, "next_id": 501})
+    with pytest.raises(DataFormatError, match=r"g\.faiss: id 119 is in the index but not in g\.faiss\.json"):
+        Gallery.load(path)
+    _resign(sidecar, {**meta, "next_id": 100})  # a stale next_id would hand out ids 100.. again
+    with pytest.raises(DataFormatError, match=r"g\.faiss\.json: next_id 100 would reuse id 119"):
         Gallery.load(path)
     sidecar.write_text("{not json")
     with pytest.raises(DataFormatError, match=r"g\.faiss\.json: gallery sidecar is not valid JSON"):
         Gallery.load(path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(DataFormatError, match=r"not valid JSON"):  # a writer refuses too ...
+        open_gallery(path).add(x[:1], ["a"])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # ... and writes nothing
     sidecar.write_text(json.dumps(meta))
     data = bytearray(path.read_bytes())
     data[100] ^= 0xFF
