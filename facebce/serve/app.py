@@ -456,7 +456,8 @@ def run(config: ServeConfig, *, out=print) -> None:
         out(f"serving with {config.workers} worker processes on {url}")
         os.environ[CONFIG_ENV] = config.to_json()
         uvicorn.run("facebce.serve.app:app_from_env", factory=True, host=config.host, port=config.port,
-                    workers=config.workers, log_level=config.log_level, access_log=False)
+                    workers=config.workers, log_level=config.log_level, access_log=False,
+                    timeout_worker_healthcheck=600)  # a worker loads the model before it answers: can take minutes
     else:
         engine = Engine(config, log=out, metrics=Metrics())
         out(f"serving on {url}")
