@@ -17,7 +17,6 @@ import sys
 import time
 import traceback
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,11 +29,11 @@ from facebce.serve.auth import ApiKey, KeyStore, scope_allows
 from facebce.serve.config import POLICIES, ServeConfig
 from facebce.serve.engine import Engine, ServiceError
 from facebce.serve.metrics import Metrics
+from facebce.serve.page import PAGE
 
 __all__ = ["CONFIG_ENV", "app_from_env", "create_app", "run"]
 
 CONFIG_ENV = "FACEBCE_SERVE_RESOLVED"  # the resolved config handed to uvicorn's worker processes
-STATIC = Path(__file__).resolve().parent / "static"
 _OPEN = ApiKey("(no keys file)", "admin", "", "")  # loopback-only server without authentication
 _MAX_NAME = 128
 
@@ -276,7 +275,7 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None, log=print) 
     # ---- endpoints ---------------------------------------------------------------------------
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
+        return HTMLResponse(PAGE)
 
     @app.get("/healthz", summary="alive")
     async def healthz():

@@ -1,4 +1,8 @@
-<!doctype html>
+"""The web page at `/`: plain HTML + JavaScript, no build step, kept in a module so that it travels in
+the wheel with the code (no package-data entry to forget). It talks to the same API with the key the
+user types (kept in sessionStorage), draws the face box on a canvas and shows the decision."""
+
+PAGE = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -22,8 +26,10 @@
 <p>Identify a face against the gallery at one global threshold, or enrol it. Aligned 112&times;112 crops are
 used as they are; other photos need a server started with a detector.</p>
 <fieldset>
- <div><label for="key">API key</label><input id="key" type="password" placeholder="fbk_... (empty if the server has no keys)"></div>
- <div><label for="file">Image</label><input id="file" type="file" accept="image/jpeg,image/png,image/bmp,image/webp"></div>
+ <div><label for="key">API key</label>
+  <input id="key" type="password" placeholder="fbk_... (empty if the server has no keys)"></div>
+ <div><label for="file">Image</label>
+  <input id="file" type="file" accept="image/jpeg,image/png,image/bmp,image/webp"></div>
  <div><label for="name">Identity</label><input id="name" type="text" placeholder="name, for Enrol"></div>
  <div><label for="k">Top k</label><input id="k" type="number" min="1" max="100" value="5" style="width:4em"></div>
  <button id="identify">Identify</button><button id="enrol">Enrol</button>
@@ -42,7 +48,8 @@ keyBox.addEventListener("change", () => sessionStorage.setItem("facebce-key", ke
 let image = null;
 
 function esc(s) {
-  return String(s).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+  const table = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"};
+  return String(s).replace(/[&<>"']/g, (c) => table[c]);
 }
 
 $("file").addEventListener("change", () => {
@@ -82,7 +89,8 @@ async function call(url) {
   }
   if (!resp.ok) {
     const err = body.error || {};
-    show("error", "<p class='error'>" + resp.status + " " + esc(err.code || "") + ": " + esc(err.message || "") + "</p>");
+    show("error", "<p class='error'>" + resp.status + " " + esc(err.code || "") + ": " +
+      esc(err.message || "") + "</p>");
     return null;
   }
   return body;
@@ -122,3 +130,4 @@ $("enrol").addEventListener("click", async () => {
 </script>
 </body>
 </html>
+"""
