@@ -188,7 +188,10 @@ def _cmd_serve(args) -> None:
         return
     if args.scope:
         raise FacebceError("--scope belongs to 'facebce serve keys add NAME --scope ... --keys KEYS.json'")
-    cli = {k: v for k, v in vars(args).items() if k not in ("command", "func", "action", "scope", "config")}
+    from dataclasses import fields
+
+    from facebce.serve import ServeConfig
+    cli = {f.name: getattr(args, f.name, None) for f in fields(ServeConfig)}
     run(load_config(cli, config_file=args.config))
 
 
