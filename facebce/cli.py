@@ -198,6 +198,54 @@ def _cmd_align(args) -> None:
     print(f"  report: {Path(args.dst) / 'alignment_report.csv'} (one line per photo: status, faces, score, reason)")
 
 
+def _cmd_serve(args) -> None:
+    from facebce.serve import add_key, load_config, run
+    if args.action:
+        if args.action[:2] != ["keys", "add"] or len(args.action) != 3:
+            raise FacebceError(f"serve {' '.join(args.action)}: expected 'facebce serve keys add NAME --scope "
+                               f"read|enrol|admin --keys KEYS.json' (or no words: start the server)")
+        if not args.scope or not args.keys:
+            raise FacebceError("serve keys add: give --scope read|enrol|admin and --keys KEYS.json")
+        key = add_key(args.keys, args.action[2], args.scope)
+        print(f"added key {args.action[2]!r} (scope {args.scope}) to {args.keys}; it is shown only this once:\n{key}")
+        return
+    if args.scope:
+        raise FacebceError("--scope belongs to 'facebce serve keys add NAME --scope ... --keys KEYS.json'")
+    from dataclasses import fields
+
+    from facebce.serve import ServeConfig
+    cli = {f.name: getattr(args, f.name, None) for f in fields(ServeConfig)}
+    run(load_config(cli, config_file=args.config))
+
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="*", help="nothing: start the server; 'keys add NAME': add an API key")
+    p.add_argument("--config", help="YAML file of settings (the option names, with _ for -)")
+    p.add_argument("--model", help="ONNX recognition model")
+    p.add_argument("--gallery", help="gallery store: a path (created if missing) or a milvus URI")
+    p.add_argument("--detector", help="SCRFD ONNX: photos that are not aligned crops are detected + aligned")
+    p.add_argument("--keys", help="API keys file (salted hashes); without it: no auth, loopback only")
+    p.add_argument("--scope", choices=["read", "enrol", "admin"], help="keys add: the new key's scope")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--color", choices=["rgb", "bgr"], help="channel order the model expects")
+    p.add_argument("--mean", help="input mean on 0..255 pixels: one value or three")
+    p.add_argument("--std", help="input std: one value or three")
+    p.add_argument("--no-flip", dest="flip", action="store_const", const=False,
+                   help="do not add the horizontally flipped embedding")
+    p.add_argument("--threshold", help="threshold of a gallery the server creates (default: the model's metadata)")
+    p.add_argument("--index", choices=["flat", "ivf", "hnsw"], help="index type of a gallery the server creates")
+    p.add_argument("--policy", choices=["central", "largest", "best"], help="default face choice with a detector")
+    p.add_argument("--det-size", type=int)
+    p.add_argument("--det-thresh", type=float)
+    p.add_argument("--min-score", type=float)
+    for name in ("max-request-bytes", "max-image-pixels", "max-images", "max-k", "max-batch", "intra-op-threads"):
+        p.add_argument(f"--{name}", type=int)
+    p.add_argument("--max-wait-ms", type=float, help="micro-batching: longest wait for more faces")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="backbone name for a .pth state_dict (r18 r34 r50 r100 r200 mbf)")
     p.add_argument("--embedding-size", type=int, default=512)
@@ -375,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--min-score", type=float)
     a.set_defaults(func=_cmd_align)
 
+    v = sub.add_parser("serve", help="HTTP service: enrol, identify, verify at the global threshold; API keys",
+                       description="Settings also from --config YAML and FACEBCE_<SETTING> environment variables "
+                                   "(options win over both).")
+    _add_serve_args(v)
+    v.set_defaults(func=_cmd_serve)
     return p
 
 

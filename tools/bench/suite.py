@@ -27,7 +27,12 @@ a warm-up. Areas (--only picks some):
            synthetic gallery (identities of ~12 images at cosine ~0.7): single-query QPS interleaved,
            index memory, recall@1/@10 against flat and open-set decision agreement.
 
-    python tools/bench/suite.py [--only data train eval onnx gallery] [--quick] [--out runs/bench]
+  serve    `facebce serve` under load (tools/bench/bench_serve.py): identify req/s at 1, 4 and 16
+           concurrent httpx clients on loopback vs the bare OnnxEmbedder + Gallery.search loop on the
+           same LFW crops in the same run; p99 latency at 16 clients against the 300 ms budget; errors;
+           and framed photos through the SCRFD detector vs bare detect + align + embed + search.
+
+    python tools/bench/suite.py [--only data train eval onnx gallery serve] [--quick] [--out runs/bench]
 
 `--quick` shrinks every size (a smoke run in about a minute; its numbers are not the figures).
 """
@@ -55,7 +60,7 @@ import torch  # noqa: E402
 from timing import median_seconds  # noqa: E402  (tools/bench/timing.py)
 
 SHARED = Path(os.environ.get("FACEBCE_SHARED", REPO.parent / "shared"))
-AREAS = ("data", "train", "eval", "onnx", "gallery")
+AREAS = ("data", "train", "eval", "onnx", "gallery", "serve")
 
 
 @dataclass
@@ -423,6 +428,32 @@ def bench_gallery(args) -> list[Row]:
 
 
 # ------------------------------------------------------------------------------------------ main
+# ----------------------------------------------------------------------------------------- serve
+def bench_serve(args) -> list[Row]:
+    import bench_serve as bs  # tools/bench/bench_serve.py
+
+    if not (bs.MODEL.exists() and bs.LFW.exists()):
+        say(f"[serve] skipped: needs the shared MobileFaceNet and LFW crops ({bs.MODEL.parent.parent})")
+        return []
+    say("[serve] facebce serve subprocess on 127.0.0.1, asyncio httpx clients")
+    res = bs.run(quick=args.quick, detector=True, log=say)
+    rows = []
+    for r in res["levels"]:
+        rows.append(Row("serve", f"identify, {r['clients']} clients", r["rps"], r["bare_rps"], "req/s", r["ratio"],
+                        0.8 if r["clients"] == 16 else None, "bare OnnxEmbedder + Gallery.search loop",
+                        f"p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms; "
+                        f"{r['errors']} errors in {r['requests']}"))
+    top = res["levels"][-1]
+    rows.append(Row("serve", f"p99 latency, {top['clients']} clients", top["p99_ms"], 300.0, "ms",
+                    300.0 / top["p99_ms"], 1.0, "the 300 ms budget", "ratio = budget / p99"))
+    if "detector" in res:
+        r = res["detector"]
+        rows.append(Row("serve", "identify photos (detector), 4 clients", r["rps"], r["bare_rps"], "req/s",
+                        r["ratio"], None, "bare detect + align + embed + search loop",
+                        f"p99 {r['p99_ms']:.0f} ms; {r['errors']} errors in {r['requests']}"))
+    return rows
+
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     with contextlib.suppress(OSError):

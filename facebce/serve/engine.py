@@ -1,0 +1,323 @@
+"""The service's work outside the event loop: images -> faces -> embeddings -> gallery.
+
+- `MicroBatcher`: one worker thread that takes jobs (rows of an array) from a queue, gathers those
+  waiting — up to `max_batch` rows, waiting at most `max_wait` seconds after the first — runs one
+  call on all of them and hands each job its rows back. Concurrent requests' faces are embedded in
+  one ONNX call, and their probes searched in one gallery call. If the shared call fails, each job
+  is retried alone so a bad request cannot fail its neighbours.
+- `Engine`: decodes and checks images (header-checked decoding: decompression bombs are refused
+  before any pixel is decoded), aligns faces with the detector when one is configured, owns the
+  embedder and its batcher, the search batcher, and the gallery with its single writer thread:
+  every enrol and delete runs there, one at a time, and returns once the store has made it durable.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from facebce.errors import DataFormatError, FacebceError
+from facebce.fileio import decode_bgr
+from facebce.serve.config import ServeConfig
+
+__all__ = ["Engine", "Face", "MicroBatcher", "ServiceError", "sniff_image"]
+
+
+class ServiceError(FacebceError):
+    """A request the service refuses: an HTTP status, a short code and a one-line message."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"))
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image format from the bytes themselves (never the file name or the declared type)."""
+    for magic, kind in _MAGIC:
+        if data.startswith(magic):
+            return kind
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+class MicroBatcher:
+    """Dynamic micro-batching on one worker thread (module docstring). `fn(rows, params)` gets the
+    concatenated rows and the jobs' params, and returns a list with one result per row."""
+
+    def __init__(self, name: str, fn: Callable, max_batch: int, max_wait: float,
+                 on_batch: Callable[[int], None] | None = None):
+        self.name, self.fn = name, fn
+        self.max_batch, self.max_wait = int(max_batch), float(max_wait)
+        self.on_batch = on_batch
+        self._q: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"facebce-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: np.ndarray, params=None) -> Future:
+        fut: Future = Future()
+        if self._stop.is_set():
+            fut.set_exception(ServiceError(503, "shutting_down", "the server is stopping"))
+        else:
+            self._q.put((rows, params, fut))
+        return fut
+
+    async def run(self, rows: np.ndarray, params=None):
+        return await asyncio.wrap_future(self.submit(rows, params))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        pending = None
+        while not self._stop.is_set():
+            job = pending or self._q.get()
+            pending = None
+            if job is None:
+                break
+            jobs, n = [job], len(job[0])
+            deadline = time.monotonic() + self.max_wait
+            while n < self.max_batch:
+                timeout = deadline - time.monotonic()
+                try:
+                    nxt = self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._stop.set()
+                    break
+                if n + len(nxt[0]) > self.max_batch:
+                    pending = nxt  # starts the next batch
+                    break
+                jobs.append(nxt)
+                n += len(nxt[0])
+            self._run(jobs)
+        for rows, params, fut in self._drain():
+            fut.set_exception(ServiceError(503, "shutting_down", "the server is stopping"))
+
+    def _drain(self):
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                yield job
+
+    def _run(self, jobs) -> None:
+        if self.on_batch:
+            self.on_batch(sum(len(j[0]) for j in jobs))
+        try:
+            out = self.fn(np.concatenate([j[0] for j in jobs]), [j[1] for j in jobs],
+                          [len(j[0]) for j in jobs])
+        except Exception:
+            if len(jobs) > 1:  # find the job that fails; the others still get their answer
+                for job in jobs:
+                    self._run([job])
+                return
+            out = None
+            err = _as_exception()
+        start = 0
+        for rows, _, fut in jobs:
+            if out is None:
+                fut.set_exception(err)
+            else:
+                fut.set_result(out[start:start + len(rows)])
+            start += len(rows)
+
+
+def _as_exception() -> BaseException:
+    import sys
+    return sys.exc_info()[1]
+
+
+@dataclass
+class Face:
+    """One image's face as the service used it."""
+    crop: np.ndarray  # aligned BGR crop at the model's input size
+    box: list[float] | None  # x1, y1, x2, y2 in the uploaded image; None: the upload was an aligned crop
+    score: float | None  # detector score
+    faces: int  # faces the detector found (1 for an aligned crop)
+    width: int
+    height: int
+
+    def describe(self) -> dict:
+        return {"aligned_input": self.box is None, "box": self.box, "score": self.score, "faces": self.faces,
+                "image_size": [self.width, self.height]}
+
+
+class Engine:
+    """Model, detector, gallery store and the threads that run them (module docstring)."""
+
+    def __init__(self, config: ServeConfig, *, log: Callable[[str], None] = print, metrics=None):
+        from facebce.eval.model_loading import ModelSpec
+
+        self.config = config
+        self.metrics = metrics
+        mean, std = _floats(config.mean, "mean"), _floats(config.std, "std")
+        spec = ModelSpec(config.model, color=config.color, mean=mean, std=std, batch_size=config.max_batch)
+        if spec.path.suffix.lower() != ".onnx":
+            raise FacebceError(f"{spec.path}: facebce serve runs ONNX models (export one with 'facebce export')")
+        from facebce.models.embedder import OnnxEmbedder, Preprocess
+        pre = None if mean is None else Preprocess(color=config.color, mean=mean, std=std)
+        self.embedder = OnnxEmbedder(spec.path, preprocess=pre, batch_size=config.max_batch, flip=config.flip,
+                                     normalize=True, progress=False, intra_op_threads=config.intra_op_threads)
+        self.size = self.embedder.input_size
+        self.dim = self.embedder.embedding_size
+        if self.dim is None:
+            self.dim = int(self.embedder.embed(np.zeros((1, *self.size, 3), np.uint8)).shape[1])
+        self.aligner = None
+        if config.detector:
+            from facebce.deploy.align import FaceAligner, ScrfdDetector
+            det = ScrfdDetector(config.detector, input_size=(config.det_size, config.det_size),
+                                det_thresh=config.det_thresh)
+            self.aligners = {p: FaceAligner(det, size=self.size[0], policy=p, min_score=config.min_score)
+                             for p in ("central", "largest", "best")}
+            self.aligner = self.aligners[config.policy]
+        self.store = _open_store(config, self.dim, self.embedder, log)
+        self.threshold_source = "gallery"
+        wait = config.max_wait_ms / 1000.0
+        self._embed_batcher = MicroBatcher("embed", self._embed_rows, config.max_batch, wait,
+                                           on_batch=self._note_batch("embed"))
+        self._search_batcher = MicroBatcher("search", self._search_rows, config.max_batch, wait,
+                                            on_batch=self._note_batch("search"))
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facebce-gallery-writer")
+        self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="facebce-decode")
+        self.ready = True
+
+    def _note_batch(self, kind: str):
+        def note(n: int) -> None:
+            if self.metrics is not None:
+                self.metrics.observe_batch(kind, n)
+        return note
+
+    def close(self) -> None:
+        self.ready = False
+        self._embed_batcher.close()
+        self._search_batcher.close()
+        self._writer.shutdown(wait=True)
+        self._prep.shutdown(wait=True)
+        self.store.close()
+
+    # ---- images -> faces ----------------------------------------------------------------------
+    def face_from_bytes(self, data: bytes, where: str, policy: str | None = None) -> Face:
+        """Sniff, header-check, decode, and (when needed and configured) detect + align one image."""
+        kind = sniff_image(data)
+        if kind is None:
+            raise ServiceError(415, "unsupported_media_type",
+                               f"{where}: not a JPEG, PNG, BMP or WebP image (judged by its bytes)")
+        try:
+            img = decode_bgr(data, where=where, max_pixels=self.config.max_image_pixels)
+        except DataFormatError as e:
+            text = str(e)
+            if "over the limit" in text:
+                raise ServiceError(413, "image_too_large", text) from None
+            raise ServiceError(422, "undecodable_image", text) from None
+        h, w = img.shape[:2]
+        if (h, w) == tuple(self.size):
+            return Face(img, None, None, 1, w, h)
+        if self.aligner is None:
+            raise ServiceError(422, "not_aligned",
+                               f"{where}: {w}x{h} image, but without a detector the service takes only aligned "
+                               f"{self.size[1]}x{self.size[0]} crops (start it with --detector)")
+        aligner = self.aligners[policy or self.config.policy]
+        try:
+            faces = aligner.align_detections(img, dets := aligner.candidates(img))
+        except DataFormatError as e:
+            raise ServiceError(422, "undetectable_image", f"{where}: {e}") from None
+        if not faces:
+            raise ServiceError(422, "no_face", f"{where}: no face found")
+        f = faces[0]
+        return Face(f.crop, [round(float(v), 1) for v in f.bbox], round(f.score, 4), len(dets), w, h)
+
+    async def faces(self, items: list[tuple[bytes, str]], policy: str | None = None) -> list[Face]:
+        loop = asyncio.get_running_loop()
+        futs = [loop.run_in_executor(self._prep, self.face_from_bytes, data, where, policy) for data, where in items]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+    # ---- embeddings and search ----------------------------------------------------------------
+    def _embed_rows(self, crops: np.ndarray, params, sizes) -> np.ndarray:
+        return self.embedder.embed(crops)
+
+    async def embed(self, faces: list[Face]) -> np.ndarray:
+        return await self._embed_batcher.run(np.stack([f.crop for f in faces]))
+
+    def _search_rows(self, queries: np.ndarray, params, sizes) -> list:
+        k = max(params)
+        if len(self.store) == 0:
+            return [None] * len(queries)
+        try:
+            return self.store.search(queries, k=min(k, self.config.max_k))
+        except FacebceError:
+            if len(self.store) == 0:  # emptied by a delete since the check above
+                return [None] * len(queries)
+            raise
+
+    async def search(self, queries: np.ndarray, k: int) -> list:
+        """Top-k SearchResults of each row (None for every row while the gallery is empty)."""
+        results = await self._search_batcher.run(queries, k)
+        return [None if r is None else r.matches[:k] for r in results]
+
+    # ---- the gallery's one writer -------------------------------------------------------------
+    async def write(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, lambda: fn(*args, **kwargs))
+
+    async def read(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
+
+
+def _floats(text, name: str):
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise FacebceError(f"{name}={text!r}: expected one number or three, comma-separated") from None
+    if len(values) not in (1, 3):
+        raise FacebceError(f"{name}={text!r}: expected one number or three, comma-separated")
+    return values[0] if len(values) == 1 else values
+
+
+def _open_store(config: ServeConfig, dim: int, embedder, log):
+    """Open the gallery store, creating it (at the given or the model's threshold) when it is missing."""
+    from facebce.deploy.gallery import is_uri, open_gallery, resolve_threshold
+
+    try:
+        store = open_gallery(config.gallery, dim=dim)
+    except FacebceError as e:
+        missing = "no gallery here" in str(e) or "does not exist" in str(e) or "no collection" in str(e)
+        if not missing:
+            raise
+        t, said = resolve_threshold(config.threshold, embedder)
+        store = open_gallery(config.gallery, dim=dim, create={"index_type": config.index}, threshold=t)
+        log(f"created gallery {config.gallery} ({dim}-d, {config.index}, {said})")
+        return store
+    if store.threshold is None:
+        t, said = resolve_threshold(config.threshold, embedder)
+        store.set_threshold(t)
+        log(f"gallery {config.gallery} had no threshold; set {said}")
+    elif config.threshold is not None:
+        t, _ = resolve_threshold(config.threshold, embedder)
+        if abs(t - store.threshold) > 1e-9:
+            raise FacebceError(f"threshold {t:.4f}: the gallery {config.gallery} has {store.threshold:.4f}; "
+                               f"change it with PUT /v1/threshold (admin) or drop --threshold")
+    if is_uri(config.gallery):
+        log(f"gallery {config.gallery}: milvus backend")
+    return store
