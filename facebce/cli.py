@@ -403,8 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "search: this time)")
     g.add_argument("--mode", default="all", choices=["all", "mean"], help="store every image or one mean per identity")
     g.add_argument("--threshold",
-                   help="global cosine pair threshold (build: default the model's pair threshold, said in one "
-                        "line; search: default the gallery's)")
+                   help="global cosine pair threshold or calibrated:CALIB.json (build: default the model's pair "
+                        "threshold, said in one line; search: default the gallery's)")
     g.add_argument("-k", type=int, default=5, help="matches to show per probe")
     g.add_argument("--identity", help="remove: every entry of this identity")
     g.add_argument("--ids", help="remove: comma-separated entry ids")
