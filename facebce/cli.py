@@ -35,14 +35,12 @@ def _cmd_data_pairs(args) -> None:
 
 def _cmd_calibrate(args) -> None:
     from facebce.eval.calibrate import calibrate, drift_markdown
-    sets = _protocol_sets(args.sets)
-    model = _model_spec(args)
-    cal = calibrate(model, sets, target_far=args.target_far, on=args.on, pooled=args.pooled,
-                    replicates=args.bootstrap, seed=args.seed, flip=not args.no_flip, cache_dir=args.cache,
-                    protocol_paths=args.protocols, out=args.out)
-    print(drift_markdown(cal))
-    print(f"\ncalibration written to {args.out} (drift report {Path(args.out).with_suffix('.md')}, plot "
-          f"{Path(args.out).with_suffix('.png')}); use it with --threshold calibrated:{args.out}")
+    cal = calibrate(_model_spec(args), _protocol_sets(args.sets), target_far=args.target_far, on=args.on,
+                    pooled=args.pooled, replicates=args.bootstrap, seed=args.seed, flip=not args.no_flip,
+                    cache_dir=args.cache, protocol_paths=args.protocols, out=args.out)
+    out = Path(args.out)
+    print(drift_markdown(cal) + f"\n\ncalibration written to {out} (drift report {out.with_suffix('.md')}, plot "
+          f"{out.with_suffix('.png')}); use it with --threshold calibrated:{out}")
 
 
 def _protocol_sets(items) -> list[tuple[str, str]]:
@@ -128,6 +126,7 @@ def _cmd_export(args) -> None:
 def _cmd_gallery(args) -> None:
     from facebce.deploy import enrol
     from facebce.deploy.gallery import escape_name, open_gallery
+    from facebce.eval.calibrate import verified_threshold
     inputs, action = args.inputs, args.action
     if action == "info":
         with open_gallery(args.gallery, lock_timeout=args.lock_timeout) as store:
@@ -150,12 +149,12 @@ def _cmd_gallery(args) -> None:
         print(f"{args.gallery}: renamed {n} entries {escape_name(inputs[0])} -> {escape_name(inputs[1])}")
         return
     embedder = _model_spec(args).build(flip=not args.no_flip, normalize=True) if args.model else None
-    args.threshold = _calibrated(args.threshold, args)
+    args.threshold = verified_threshold(args.threshold, _model_spec(args) if args.model else None)
     if action == "set-threshold":
         if len(inputs) > 1 or (inputs and args.threshold is not None):
             raise FacebceError("gallery set-threshold: give GALLERY VALUE (or --threshold VALUE, or --model to "
                                "take the model's pair threshold)")
-        value = _calibrated(inputs[0], args) if inputs else args.threshold
+        value = verified_threshold(inputs[0], _model_spec(args) if args.model else None) if inputs else args.threshold
         if value is None and embedder is None:
             raise FacebceError("gallery set-threshold: give a value, --threshold or --model")
         print(enrol.set_gallery_threshold(args.gallery, value, embedder, lock_timeout=args.lock_timeout))
@@ -175,16 +174,6 @@ def _cmd_gallery(args) -> None:
     else:
         print(enrol.format_results(enrol.search_files(args.gallery, embedder, inputs, k=args.k,
                                                       threshold=args.threshold, nprobe=args.nprobe)))
-
-
-def _calibrated(value, args):
-    """calibrated:CALIB.json -> the verified ThresholdSpec, checked against --model's weights (the gallery
-    resolver reads it; without --model only the file's checksum is checked)."""
-    if value is None or not str(value).startswith("calibrated:") or not args.model:
-        return value
-    from facebce.eval.calibrate import resolve_threshold_spec
-    from facebce.eval.model_loading import file_digest
-    return resolve_threshold_spec(value, model_digest=file_digest(_model_spec(args).weights_file))
 
 
 def _cmd_align(args) -> None:

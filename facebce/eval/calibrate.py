@@ -444,6 +444,14 @@ def calibrate_scored(sets: Sequence[ScoredSet], target_far: float, *, on: str | 
                            impostor.size, f), far=far, tar=tar, bootstrap=boot, sets=_clean(rows))
 
 
+def verified_threshold(value, model=None):
+    """A "calibrated:CALIB.json" threshold option -> its verified ThresholdSpec, checked against `model`'s
+    weights (a ModelSpec) when given; any other value is returned as it is (for the gallery's resolver)."""
+    if value is None or not str(value).startswith("calibrated:"):
+        return value
+    return resolve_threshold_spec(value, model_digest=None if model is None else model_identity(model)["digest"])
+
+
 def model_identity(model) -> dict:
     """{"path", "digest", "key"} of a ModelSpec (digest: sha256 of its weights file, as eval's cache key uses)."""
     from facebce.eval.model_loading import ModelSpec, file_digest
