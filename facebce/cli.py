@@ -103,7 +103,8 @@ def _cmd_export(args) -> None:
 
 def _cmd_gallery(args) -> None:
     from facebce.deploy import enrol
-    from facebce.deploy.gallery import escape_name, open_gallery
+    from facebce.deploy.gallery import escape_name
+    from facebce.deploy.stores import open_gallery
     inputs, action = args.inputs, args.action
     if action == "info":
         with open_gallery(args.gallery, lock_timeout=args.lock_timeout) as store:
