@@ -105,12 +105,16 @@ def _cmd_export(args) -> None:
     if args.parity_bin:
         from facebce.data.verification_bin import load_bin
         parity = load_bin(args.parity_bin).decode(progress=False)[: args.parity_images, ..., ::-1].copy()
+    calib = None
+    if args.calib_images:
+        from facebce.deploy.quantize import calibration_images
+        calib = calibration_images(args.calib_images, limit=args.calib_limit)
     metadata = {"backbone": card.get("arch", args.arch), "head": card.get("head"), "bias": card.get("bias"),
                 "threshold": card.get("threshold")}
     metadata.update({k: getattr(args, k) for k in ("head", "bias", "threshold") if getattr(args, k) is not None})
     metadata = {k: v for k, v in metadata.items() if v is not None}
     report = export_onnx(model, args.out, opset=args.opset, metadata=metadata, parity_images=parity,
-                         variants=[v for v in args.variants.split(",") if v])
+                         variants=[v for v in args.variants.split(",") if v], calib_images=calib)
     extra = "".join(f", {k} {metadata[k]:.4f}" if isinstance(metadata[k], float) else f", {k} {metadata[k]}"
                     for k in ("head", "bias", "threshold") if k in metadata)
     print(f"exported {metadata['backbone']} -> {report.path} (opset {report.opset}, dynamic batch "
@@ -241,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--arch", help="backbone name (r18 r34 r50 r100 r200 mbf)")
     x.add_argument("--embedding-size", type=int, default=512)
     x.add_argument("--opset", type=int, default=17)
-    x.add_argument("--variants", default="", help="also write these: fp16,int8")
+    x.add_argument("--variants", default="", help="also write these: fp16,int8,int8-static")
+    x.add_argument("--calib-images", help="int8-static: aligned face crops (a folder, searched recursively, or a .bin)")
+    x.add_argument("--calib-limit", type=int, default=256, help="int8-static: at most this many calibration faces")
     x.add_argument("--parity-bin", help="verification .bin whose first images join the parity check")
     x.add_argument("--parity-images", type=int, default=32)
     x.add_argument("--head", help="training head, recorded in the metadata")

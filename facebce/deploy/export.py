@@ -29,7 +29,7 @@ from torch import nn
 
 from facebce import __version__
 from facebce.data.transforms import INPUT_MEAN, INPUT_STD
-from facebce.errors import ModelError
+from facebce.errors import FacebceError, ModelError
 from facebce.models.embedder import META_THRESHOLD, OnnxEmbedder, Preprocess, TorchEmbedder, insightface_preprocess
 
 __all__ = ["ExportReport", "VariantReport", "convert_variant", "export_onnx"]
@@ -38,8 +38,8 @@ INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
 # Per-sample cosine vs torch eager that each file must reach: fp32 is the §7 parity rule; the
 # reduced-precision variants are approximations, held to what a correct conversion reaches.
-MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.95}
-VARIANTS = ("fp16", "int8")
+MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.95, "int8-static": 0.95}
+VARIANTS = ("fp16", "int8", "int8-static")  # int8-static: facebce.deploy.quantize, needs calibration faces
 _USER_KEYS = {"backbone": str, "head": str, "bias": float, META_THRESHOLD: float}
 _N_RANDOM_IMAGES = 8
 
@@ -68,13 +68,15 @@ class ExportReport:
 
 def export_onnx(backbone: nn.Module, out_path: str | os.PathLike, *, opset: int = 17,
                 metadata: Mapping[str, object] | None = None, parity_images: np.ndarray | None = None,
-                check: bool = True, dynamic_batch: bool = True, variants: Sequence[str] = ()) -> ExportReport:
+                check: bool = True, dynamic_batch: bool = True, variants: Sequence[str] = (),
+                calib_images: np.ndarray | None = None) -> ExportReport:
     """Export `backbone` (left untouched: a CPU copy is exported) to `out_path`, plus `variants`
     ('fp16': fp16 weights with fp32 I/O; 'int8': dynamic int8 quantisation) beside it as
     `<stem>.fp16.onnx` / `<stem>.int8.onnx`, and the report as `<out_path>.json`.
 
     `metadata` takes plain values for the keys backbone, head, bias, threshold.
     `parity_images` are aligned uint8 N x S x S x 3 BGR crops, checked along with random images.
+    `calib_images` (same form, `facebce.deploy.quantize.calibration_images`) calibrate 'int8-static'.
     Raises ModelError (leaving no file) when a file misses its `MIN_COSINE`.
     """
     out = Path(out_path)
@@ -89,7 +91,7 @@ def export_onnx(backbone: nn.Module, out_path: str | os.PathLike, *, opset: int 
     try:
         _export_fp32(model, temps["fp32"], opset, dynamic_batch, side, props)
         for name in variants:
-            convert_variant(temps["fp32"], temps[name], name)
+            convert_variant(temps["fp32"], temps[name], name, calib_images=calib_images)
         images = _parity_inputs(parity_images, side) if check else None
         reference = TorchEmbedder(model, normalize=False).embed(images) if check else None
         reports = {name: _variant_report(name, temps[name], paths[name], reference, images) for name in paths}
@@ -190,11 +192,14 @@ def _check_insightface_view(proto: onnx.ModelProto, path: Path) -> None:
                          f"rename them (normalisation happens outside the graph)")
 
 
-def convert_variant(src: str | os.PathLike, dst: str | os.PathLike, kind: str) -> Path:
+def convert_variant(src: str | os.PathLike, dst: str | os.PathLike, kind: str, *,
+                    calib_images: np.ndarray | None = None, preprocess: Preprocess | None = None) -> Path:
     """Write the `kind` variant of the fp32 ONNX model `src` to `dst` and return `dst`.
 
     kind 'fp16': fp16 weights and compute, fp32 input and output; 'int8': dynamic int8 quantisation
-    (weights int8 offline, activations quantised per run; no calibration data). Works on any fp32
+    (weights int8 offline, activations quantised per run; no calibration data); 'int8-static':
+    QDQ int8 with activation ranges calibrated on `calib_images` (aligned uint8 BGR crops) through
+    `preprocess` (None: the model's facebce metadata), see facebce.deploy.quantize. Works on any fp32
     ONNX model, facebce's exports and foreign ones alike (fixed or symbolic batch, opset >= 11);
     metadata_props are kept. The file is built under a temporary name beside `dst` and renamed into
     place, so `dst` is never half-written and is left as it was on failure. `src` may equal `dst`.
@@ -205,10 +210,18 @@ def convert_variant(src: str | os.PathLike, dst: str | os.PathLike, kind: str) -
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise ModelError(f"{src}: no such ONNX file")
+    if kind == "int8-static" and calib_images is None:
+        raise ModelError("int8-static needs calibration images (aligned faces: --calib-images DIR or .bin)")
     temp = _temp_path(dst)
     try:
         try:
-            _CONVERTERS[kind](src, temp)
+            if kind == "int8-static":
+                from facebce.deploy.quantize import quantize_static_int8
+                quantize_static_int8(src, temp, calib_images, preprocess)
+            else:
+                _CONVERTERS[kind](src, temp)
+        except FacebceError:
+            raise
         except Exception as e:  # onnx / onnxruntime raise their own types for models they cannot convert
             raise ModelError(f"{src}: {kind} conversion failed ({type(e).__name__}: {e})") from e
         os.replace(temp, dst)
