@@ -6,8 +6,8 @@ number on the same inputs in the same process, the ratio (facebce / baseline, hi
 for memory, baseline / facebce) and the target. Every timing is the median of --repeats runs after
 a warm-up. Areas (--only picks some):
 
-  data     the trainer's input pipeline (.rec read + decode + flip + normalise + batching, through
-           the DataLoader with 0 and 2 workers) vs a bare cv2.imdecode loop over the same records'
+  data     the trainer's input pipeline (.rec read + decode + flip + uint8 batching through the
+           DataLoader with 0 and 2 workers, then the step's normalise_batch) vs a bare cv2.imdecode loop over the same records'
            bytes with as many threads (the decode limit).
   train    r50 / mbf + bce_u_norm forward + backward + SGD step at batch 32 on the CPU: facebce's
            engine (Trainer, with its channels_last + bf16 settings) vs a plain fp32 eager loop over
@@ -85,7 +85,7 @@ def bench_data(args) -> list[Row]:
     from torch.utils.data import DataLoader
 
     from facebce.data.rec_dataset import RecDataset
-    from facebce.train.loader import SeededSamples, ShardedBatchSampler, batch_collate
+    from facebce.train.loader import SeededSamples, ShardedBatchSampler, batch_collate, normalise_batch
 
     rec = SHARED / "data" / "celeba299" / "rec"
     tmp = None
@@ -108,13 +108,13 @@ def bench_data(args) -> list[Row]:
         return len(blobs) / t
 
     def pipeline(workers: int) -> float:
-        samples = SeededSamples(ds, seed=0)
+        samples = SeededSamples(ds, seed=0, uint8=True)  # as the trainer: uint8 batches, normalised at the step
 
         def one_epoch():
             sampler = ShardedBatchSampler(len(ds), args.batch, seed=0, epoch=0)
             loader = DataLoader(samples, batch_sampler=sampler, num_workers=workers, collate_fn=batch_collate,
                                 persistent_workers=False)  # exactly the trainer's DataLoader
-            return sum(len(y) for _, y in loader)
+            return sum(len(normalise_batch(x)) for x, _ in loader)  # the normalisation counts (on a CPU trainer)
         n = (len(ds) // args.batch) * args.batch
         return n / median_seconds(one_epoch, args.repeats)
 
