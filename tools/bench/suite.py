@@ -7,7 +7,8 @@ for memory, baseline / facebce) and the target. Every timing is the median of --
 a warm-up. Areas (--only picks some):
 
   data     the trainer's input pipeline (.rec read + decode + flip + uint8 batching through the
-           DataLoader with 0 and 2 workers, then the step's normalise_batch) vs a bare cv2.imdecode loop over the same records'
+           DataLoader with 0 and 2 workers, then the step's normalise_batch) vs a bare cv2.imdecode
+           loop over the same records'
            bytes with as many threads (the decode limit).
   train    r50 / mbf + bce_u_norm forward + backward + SGD step at batch 32 on the CPU: facebce's
            engine (Trainer, with its channels_last + bf16 settings) vs a plain fp32 eager loop over
