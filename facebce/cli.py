@@ -105,8 +105,9 @@ def _cmd_export(args) -> None:
     if args.parity_bin:
         from facebce.data.verification_bin import load_bin
         parity = load_bin(args.parity_bin).decode(progress=False)[: args.parity_images, ..., ::-1].copy()
+    variants = [v for v in args.variants.split(",") if v]
     calib = None
-    if args.calib_images:
+    if args.calib_images and "int8-static" in variants:
         from facebce.deploy.quantize import calibration_images
         calib = calibration_images(args.calib_images, limit=args.calib_limit)
     metadata = {"backbone": card.get("arch", args.arch), "head": card.get("head"), "bias": card.get("bias"),
@@ -114,7 +115,7 @@ def _cmd_export(args) -> None:
     metadata.update({k: getattr(args, k) for k in ("head", "bias", "threshold") if getattr(args, k) is not None})
     metadata = {k: v for k, v in metadata.items() if v is not None}
     report = export_onnx(model, args.out, opset=args.opset, metadata=metadata, parity_images=parity,
-                         variants=[v for v in args.variants.split(",") if v], calib_images=calib)
+                         variants=variants, calib_images=calib)
     extra = "".join(f", {k} {metadata[k]:.4f}" if isinstance(metadata[k], float) else f", {k} {metadata[k]}"
                     for k in ("head", "bias", "threshold") if k in metadata)
     print(f"exported {metadata['backbone']} -> {report.path} (opset {report.opset}, dynamic batch "
