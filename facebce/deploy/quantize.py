@@ -127,9 +127,15 @@ def quantize_static_int8(src: str | os.PathLike, dst: str | os.PathLike, calib_i
     root.addFilter(quiet)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=dst.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
+        source = src
+        if _opset(model) < 13:  # per-channel DequantizeLinear (its `axis`) needs opset 13
+            from onnx import version_converter
+
+            source = Path(tmp) / "opset13.onnx"
+            onnx.save(version_converter.convert_version(onnx.load(str(src)), 13), str(source))
         try:
             # shape inference + onnxruntime's graph optimisations (BatchNorm folded into the convolutions)
-            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             quantize_static(str(prepared), str(dst), _Reader(), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8,
                             weight_type=QuantType.QInt8, calibrate_method=methods[method],
@@ -143,6 +149,10 @@ def quantize_static_int8(src: str | os.PathLike, dst: str | os.PathLike, calib_i
         quantized.metadata_props.add(key=p.key, value=p.value)
     onnx.save(quantized, str(dst))
     return dst
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 class _DropAdvice(logging.Filter):

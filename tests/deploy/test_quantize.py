@@ -93,3 +93,17 @@ def test_int8_static_needs_calibration_and_preprocessing(tmp_path, mbf_static):
         quantize_static_int8(report.path, tmp_path / "y.onnx", calib[:2].astype(np.float32), Preprocess())
     with pytest.raises(ModelError, match="calibration method"):
         quantize_static_int8(report.path, tmp_path / "y.onnx", calib[:2], Preprocess(), method="best")
+
+
+def test_foreign_opset11_fixed_batch_model_quantizes(shared_data, tmp_path):
+    """The shared MobileFaceNet (opset 11, batch fixed at 1, ImageNet preprocessing) is upgraded to
+    opset 13 for per-channel scales and calibrated one face at a time; it still embeds the faces."""
+    from facebce.eval.model_loading import IMAGENET_MEAN, IMAGENET_STD
+
+    pre = Preprocess(color="rgb", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    faces = calibration_images(shared_data / "lfw_aligned_10plus", limit=8)
+    src = shared_data / "models" / "mobilefacenet.onnx"
+    dst = convert_variant(src, tmp_path / "mfn.int8-static.onnx", "int8-static", calib_images=faces, preprocess=pre)
+    fp32 = OnnxEmbedder(src, preprocess=pre, providers=["CPUExecutionProvider"]).embed(faces)
+    int8 = OnnxEmbedder(dst, preprocess=pre, providers=["CPUExecutionProvider"]).embed(faces)
+    assert np.min(np.sum(fp32 * int8, axis=1)) > 0.95
