@@ -11,11 +11,12 @@ BENCH_ARGS ?=
 
 install: $(STAMP)
 
-# torch is pinned to the local CPU wheel (no torchvision, no CUDA packages); everything else from PyPI.
+# torch is pinned to the local CPU wheel (no torchvision, no CUDA packages) before facebce, whose
+# torch>=2.1 range it already satisfies; everything else from PyPI.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,serve,milvus]'
 	touch $(STAMP)
 
 # pytest exits 5 when it collects nothing, so an empty run fails here instead of passing.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -76,9 +77,16 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_train(args) -> None:
+    if args.list:
+        from facebce.resources import shipped_dir, shipped_names
+        print(f"shipped recipes (in {shipped_dir('recipes')}; copy one to change it, `base: base.yaml` still works):")
+        print("\n".join(f"  {name}" for name in shipped_names("recipes")))
+        return
+    if not args.recipe:
+        raise FacebceError("train: give a recipe file or a shipped recipe's name (see facebce train --list)")
     from facebce.train import train_from_recipe
-    r = train_from_recipe(args.recipe, overrides=args.set, resume=args.resume, init_backbone=args.init_backbone,
-                          out_dir=args.out)
+    r = train_from_recipe(args.recipe, overrides=args.set, resume=args.resume or args.resume_older,
+                          resume_older=args.resume_older, init_backbone=args.init_backbone, out_dir=args.out)
     line = f"trained {r.steps} steps in {r.seconds:.0f} s; final loss {r.loss:.4f}"
     if r.threshold is not None:
         line += f"; learned threshold {r.threshold:.4f}"
@@ -96,34 +104,14 @@ def _model_spec(args):
 
 
 def _cmd_export(args) -> None:
-    from facebce.deploy.export import export_onnx
-    from facebce.eval.model_loading import ModelSpec, read_model_card
-    spec = ModelSpec(args.model, arch=args.arch, embedding_size=args.embedding_size)
-    model = spec.backbone()
-    card = read_model_card(spec.path) if spec.path.is_dir() else {}
-    parity = None
-    if args.parity_bin:
-        from facebce.data.verification_bin import load_bin
-        parity = load_bin(args.parity_bin).decode(progress=False)[: args.parity_images, ..., ::-1].copy()
-    variants = [v for v in args.variants.split(",") if v]
-    calib = None
-    if args.calib_images and "int8-static" in variants:
-        from facebce.deploy.quantize import calibration_images
-        calib = calibration_images(args.calib_images, limit=args.calib_limit)
-    metadata = {"backbone": card.get("arch", args.arch), "head": card.get("head"), "bias": card.get("bias"),
-                "threshold": card.get("threshold")}
-    metadata.update({k: getattr(args, k) for k in ("head", "bias", "threshold") if getattr(args, k) is not None})
-    metadata = {k: v for k, v in metadata.items() if v is not None}
-    report = export_onnx(model, args.out, opset=args.opset, metadata=metadata, parity_images=parity,
-                         variants=variants, calib_images=calib)
-    extra = "".join(f", {k} {metadata[k]:.4f}" if isinstance(metadata[k], float) else f", {k} {metadata[k]}"
-                    for k in ("head", "bias", "threshold") if k in metadata)
-    print(f"exported {metadata['backbone']} -> {report.path} (opset {report.opset}, dynamic batch "
-          f"{report.dynamic_batch}{extra})")
-    for name, v in report.variants.items():
-        print(f"  {name:5} {v.path}: {v.size_bytes / 1e6:.1f} MB, min cosine vs PyTorch {v.min_cosine:.7f} "
-              f"over {report.n_parity_images} images, max |diff| {v.max_abs_diff:.2e}")
-    print(f"  report: {report.report_path}")
+    from facebce.deploy.export import export_run, threshold_option
+    threshold, provenance = (None, None) if args.threshold is None else threshold_option(args.threshold)
+    report = export_run(args.model, args.out, arch=args.arch, embedding_size=args.embedding_size, threshold=threshold,
+                        threshold_provenance=provenance, head=args.head, bias=args.bias,
+                        variants=[v for v in args.variants.split(",") if v], opset=args.opset,
+                        parity_bin=args.parity_bin, parity_images=args.parity_images,
+                        calib_images=args.calib_images, calib_limit=args.calib_limit)
+    print(report.summary())
 
 
 def _cmd_gallery(args) -> None:
@@ -162,7 +150,7 @@ def _cmd_align(args) -> None:
     report = align_folder(args.src, args.dst, aligner)
     counts = ", ".join(f"{k} {v}" for k, v in sorted(report.counts.items()))
     print(f"aligned {args.src} -> {args.dst} ({args.size}x{args.size}, policy {args.policy}): {counts}")
-    print(f"  report: {Path(args.dst) / 'alignment_report.csv'} (one line per photo: status, faces, score)")
+    print(f"  report: {Path(args.dst) / 'alignment_report.csv'} (one line per photo: status, faces, score, reason)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -181,10 +169,30 @@ def _planned(name):
     return run
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options may come before, between and after positionals (`eval MODEL --arch r50 lfw=x.bin`):
+    a subcommand's own parser parses intermixed. Parsers with subcommands parse as usual (argparse's
+    intermixed parsing does not take them)."""
+
+    _intermixed_now = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        leaf = not any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._get_positional_actions())
+        if leaf and not self._intermixed_now:
+            self._intermixed_now = True  # parse_known_intermixed_args calls back in here
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._intermixed_now = False
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="facebce", description=(
+    p = _Parser(prog="facebce", description=(
         "Open-set face recognition at a single global threshold: train, evaluate, deploy."))
     p.add_argument("--version", action="version", version=f"facebce {__version__}")
+    p.add_argument("--verbose", action="store_true",
+                   help="on an error, also print the traceback and underlying detail (default: one line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = sub.add_parser("data", help="make, pack and inspect face data sets (.rec, .bin, folders)")
@@ -214,10 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_cmd_models)
 
     t = sub.add_parser("train", help="train a backbone + head from a YAML recipe (torchrun for several processes)")
-    t.add_argument("recipe", help="YAML recipe, e.g. recipes/demo_synthetic.yaml")
+    t.add_argument("recipe", help="a YAML recipe file, or a shipped recipe's name (demo_synthetic; "
+                                  "`facebce train --list` lists them)", nargs="?")
+    t.add_argument("--list", action="store_true", help="list the shipped recipes (and where they are) and exit")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set optim.lr=0.05 --set data.batch_size=64")
     t.add_argument("--resume", action="store_true", help="continue exactly from the run folder's newest checkpoint")
+    t.add_argument("--resume-older", action="store_true",
+                   help="like --resume, but when the newest checkpoint is damaged, resume from the newest one that "
+                        "loads (saying which was skipped and why) instead of refusing")
     t.add_argument("--init-backbone", help="start the backbone from an insightface .pth or a facebce checkpoint")
     t.add_argument("--out", help="run folder (default: the recipe's checkpoint.dir, else runs/<recipe name>)")
     t.set_defaults(func=_cmd_train)
@@ -241,19 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     x = sub.add_parser("export", help="export a backbone to ONNX (parity-checked, insightface-loadable)")
-    x.add_argument("model", help="a facebce training run folder, or an insightface-layout state_dict (.pth) with --arch")
+    x.add_argument("model",
+                   help="a facebce training run folder, or an insightface-layout state_dict (.pth) with --arch")
     x.add_argument("out", help="output .onnx path")
     x.add_argument("--arch", help="backbone name (r18 r34 r50 r100 r200 mbf)")
     x.add_argument("--embedding-size", type=int, default=512)
     x.add_argument("--opset", type=int, default=17)
-    x.add_argument("--variants", default="", help="also write these: fp16,int8,int8-static")
+    x.add_argument("--variants", default="",
+                   help="also write these, as OUT_FOLDER/variants/<name>.<variant>.onnx: fp16,int8,int8-static")
     x.add_argument("--calib-images", help="int8-static: aligned face crops (a folder, searched recursively, or a .bin)")
     x.add_argument("--calib-limit", type=int, default=256, help="int8-static: at most this many calibration faces")
     x.add_argument("--parity-bin", help="verification .bin whose first images join the parity check")
     x.add_argument("--parity-images", type=int, default=32)
     x.add_argument("--head", help="training head, recorded in the metadata")
     x.add_argument("--bias", type=float, help="learned bias, recorded in the metadata")
-    x.add_argument("--threshold", type=float, help="recommended global cosine threshold, recorded in the metadata")
+    x.add_argument("--threshold", help="the PAIR threshold to deploy (cosine, e.g. 0.43, or calibrated:CALIB.json), "
+                   "recorded as the model's `threshold`; without it none is recorded (the head's b/γ is "
+                   "recorded apart, as learned_threshold)")
     x.set_defaults(func=_cmd_export)
 
     g = sub.add_parser("gallery", help="build and search a FAISS gallery with open-set rejection")
@@ -294,11 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except FacebceError as e:
+        if getattr(args, "verbose", False):
+            import traceback
+            traceback.print_exc(file=sys.stderr)
         print(f"facebce: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("facebce: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `facebce eval --list | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")
+        return 141
     return 0
 
 

@@ -274,7 +274,8 @@ def torch_load_weights_only(path: str | os.PathLike, *, what: str = "checkpoint"
         raise DataFormatError(f"{path}: not a weights-only {what}: {first[:200]}") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise DataFormatError(f"{path}: {what} is truncated or not a torch file ({first[:160]})") from None
+        reason = first.split(". ")[0][:160]
+        raise DataFormatError(f"{path}: {what} is truncated or not a torch file ({reason})") from None
 
 
 _TORCH_SAFE_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset",

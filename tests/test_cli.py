@@ -142,9 +142,72 @@ def test_train_then_eval_export_gallery_from_the_run_folder(tmp_path, capsys):
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["threshold"]["value"] == pytest.approx(card["threshold"])
 
+    # the head's b/γ is recorded as what it is (a class-centre threshold), never as the pair threshold
     assert main(["export", str(run), str(tmp_path / "m.onnx")]) == 0
-    assert f"head bce_u_norm, bias {card['bias']:.4f}, threshold {card['threshold']:.4f})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"head bce_u_norm, bias {card['bias']:.4f})" in out
+    assert f"learned_threshold {card['threshold']:.4f} (the head's b/γ" in out and "no pair threshold recorded" in out
+    from facebce.models.embedder import OnnxEmbedder
+    emb = OnnxEmbedder(tmp_path / "m.onnx")
+    assert emb.threshold is None and emb.learned_threshold == pytest.approx(card["threshold"])
+    assert emb.metadata["learned_threshold_kind"] == "class_centre" and "threshold_source" not in emb.metadata
+    # a pair threshold is recorded only when given, with its source
+    assert main(["export", "--threshold", "0.43", str(run), str(tmp_path / "m.onnx")]) == 0
+    assert "threshold 0.4300 (pair threshold, user)" in capsys.readouterr().out
+    emb = OnnxEmbedder(tmp_path / "m.onnx")
+    assert emb.threshold == 0.43 and emb.metadata["threshold_source"] == "user"
+    assert emb.learned_threshold == pytest.approx(card["threshold"])
     g = str(tmp_path / "g.faiss")
     assert main(["gallery", "build", g, str(tmp_path / "s" / "images"), "--model", str(tmp_path / "m.onnx")]) == 0
     assert main(["gallery", "info", g]) == 0
-    assert f"threshold: {card['threshold']}" in capsys.readouterr().out
+    assert "threshold: 0.43" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12 defect 3: options before, between and after PROTOCOL=PATH arguments
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "M.onnx", "--arch", "r50", "custom_bin=x.bin"],  # was: "unrecognized arguments: custom_bin=x.bin"
+    ["eval", "--arch", "r50", "M.onnx", "custom_bin=x.bin"],
+    ["eval", "M.onnx", "custom_bin=x.bin", "--arch", "r50"],
+    ["eval", "M.onnx", "lfw=a.bin", "--arch", "r50", "custom_bin=x.bin", "--no-flip"],
+])
+def test_eval_options_intermix_with_sets(argv):
+    from facebce.cli import build_parser
+    args = build_parser().parse_args(argv)
+    assert (args.model, args.arch) == ("M.onnx", "r50")
+    assert args.sets in (["custom_bin=x.bin"], ["lfw=a.bin", "custom_bin=x.bin"])
+
+
+def test_every_subcommand_intermixes():
+    from facebce.cli import build_parser
+    p = build_parser()
+    g = p.parse_args(["gallery", "build", "g.faiss", "--model", "m.onnx", "a", "--index", "hnsw", "b"])
+    assert (g.gallery, g.inputs, g.model, g.index) == ("g.faiss", ["a", "b"], "m.onnx", "hnsw")
+    x = p.parse_args(["export", "--threshold", "0.4", "run", "--variants", "fp16", "m.onnx"])
+    assert (x.model, x.out, x.threshold, x.variants) == ("run", "m.onnx", "0.4", "fp16")
+    t = p.parse_args(["train", "--set", "steps=2", "demo_synthetic", "--set", "seed=1"])
+    assert (t.recipe, t.set) == ("demo_synthetic", ["steps=2", "seed=1"])
+    assert p.parse_args(["eval", "--list"]).list and p.parse_args(["eval", "--list"]).model == "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12: shipped recipes by name, `base:` beside the recipe else shipped
+
+
+def test_train_list_names_the_shipped_recipes(capsys):
+    assert main(["train", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "  demo_synthetic\n" in out and "  base\n" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "no_such_recipe"], "recipe: no_such_recipe: no such file, nor a shipped recipe (shipped: base, "),
+    (["train"], "train: give a recipe file or a shipped recipe's name"),
+    (["export", "R", "m.onnx", "--threshold", "high"], "--threshold 'high': expected a cosine in [-1, 1]"),
+])
+def test_train_and_export_one_line_errors(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("facebce: error: ") and message in err and "\n" not in err

@@ -1,4 +1,6 @@
-"""Data layer: RecordIO (.rec/.idx/property), image folders, verification .bin, synthetic identities. Imports nothing else of facebce but facebce.errors."""
+"""Data layer: RecordIO (.rec/.idx/property), image folders, verification .bin, synthetic identities.
+
+Imports nothing else of facebce but facebce.errors and facebce.fileio."""
 from facebce.data.image_folder import ImageFolderDataset, scan_image_folder
 from facebce.data.rec_dataset import RecDataset, read_property
 from facebce.data.recordio import IndexedRecordReader, IRHeader, PackSummary, RecordIOWriter

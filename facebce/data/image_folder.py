@@ -64,7 +64,10 @@ class ImageFolderDataset(Dataset):
 
     def raw(self, i: int) -> tuple[bytes, int]:
         """The file's bytes, undecoded, and its label."""
-        return self.paths[i].read_bytes(), int(self.labels[i])
+        try:
+            return self.paths[i].read_bytes(), int(self.labels[i])
+        except OSError as e:
+            raise DataFormatError(f"{self.paths[i]}: cannot read ({e.strerror or e})") from None
 
     def decoded(self, i: int) -> tuple[np.ndarray, int]:
         """(the decoded RGB uint8 image, label) before the transform (a view when the transform is ours)."""

@@ -4,6 +4,7 @@ Record layout and header detection follow formats.md §3; samples match ImageFol
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -25,14 +26,50 @@ def read_property(path: str | os.PathLike) -> tuple[int, tuple[int, int]]:
     if not path.is_file():
         raise DataFormatError(f"{path}: property file not found (an MS1M-style pack needs "
                               f"'<num_classes>,<H>,<W>' beside train.rec)")
-    first = path.read_text(encoding="utf-8").partition("\n")[0].strip()
+    try:
+        first = path.read_bytes()[:4096].decode("utf-8").partition("\n")[0].strip()
+    except OSError as e:
+        raise DataFormatError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        if e.start < 4090:  # not a multi-byte character cut by the 4 KiB read
+            raise DataFormatError(f"{path}: property file is not UTF-8 text (byte {e.start}); expected "
+                                  f"'<num_classes>,<H>,<W>'") from None
+        first = path.read_bytes()[:e.start].decode("utf-8").partition("\n")[0].strip()
     try:
         num_classes, h, w = (int(v) for v in first.split(","))
     except ValueError:
-        raise DataFormatError(f"{path}: line 1: expected '<num_classes>,<H>,<W>', got {first!r}") from None
+        raise DataFormatError(f"{path}: line 1: expected '<num_classes>,<H>,<W>', got {first[:80]!r}") from None
     if min(num_classes, h, w) < 1:
         raise DataFormatError(f"{path}: line 1: values must be positive, got {first!r}")
     return num_classes, (h, w)
+
+
+def rec_path_of(root_or_rec_path: str | os.PathLike) -> Path:
+    """The train.rec of a pack given as its folder or its .rec; a missing folder, a file that is not
+    a .rec (a verification .bin, say) or a folder without train.rec is one line naming it."""
+    path = Path(root_or_rec_path)
+    if path.is_dir():
+        rec = path / "train.rec"
+        if not rec.is_file():
+            raise DataFormatError(f"{path}: no train.rec in this folder (an MS1M-style pack is a folder with "
+                                  f"train.rec, train.idx and property)")
+        return rec
+    if not path.exists():
+        raise DataFormatError(f"{path}: no such pack folder or .rec file")
+    if path.suffix.lower() == ".bin" or _looks_like_pickle(path):
+        raise DataFormatError(f"{path}: is a verification .bin (pairs for evaluation), not a training pack; "
+                              f"give the pack's folder (train.rec, train.idx, property)")
+    if path.suffix.lower() != ".rec":
+        raise DataFormatError(f"{path}: not a .rec file or a pack folder (train.rec, train.idx, property)")
+    return path
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"  # pickle protocol 2+ opcode; a .rec starts with the magic word
+    except OSError:
+        return False
 
 
 class RecDataset(Dataset):
@@ -45,14 +82,15 @@ class RecDataset(Dataset):
 
     def __init__(self, root_or_rec_path: str | os.PathLike, train: bool = True,
                  transform: Callable[[np.ndarray], torch.Tensor] | None = None):
-        path = Path(root_or_rec_path)
-        self.rec_path = path / "train.rec" if path.is_dir() else path
+        self.rec_path = rec_path_of(root_or_rec_path)
         self.num_classes, self.image_size = read_property(self.rec_path.parent / "property")
         self._reader = IndexedRecordReader(self.rec_path, self.rec_path.with_suffix(".idx"))
         self.transform = transform or (train_transform if train else eval_transform)
         self._own_transform = transform is None  # ours take RGB views of the decoded BGR buffer
+        self._identities: tuple[int, int] | None = None  # [a, b) of the identity records, when there are some
         self.keys, labels = self._index()
         self.labels = self._checked_labels(labels)
+        self._check_class_count()
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -96,6 +134,7 @@ class RecDataset(Dataset):
         self._require_keys(range(1, b), f"header [{a}, {b}) names record keys 1..{b - 1}")
         if a == b:  # header but no identity records
             return keys, self._labels_from_records(keys)
+        self._identities = (a, b)
         return keys, self._labels_from_identities(a, b)
 
     def _header_range(self) -> tuple[int, int] | None:
@@ -109,7 +148,7 @@ class RecDataset(Dataset):
         if header.flag < 2 or img:
             return None
         a, b = float(label[0]), float(label[1])
-        return (int(a), int(b)) if 1 <= a <= b else None
+        return (int(a), int(b)) if 1 <= a <= b and math.isfinite(b) else None
 
     def _require_keys(self, keys: range, why: str) -> None:
         missing = next((k for k in keys if k not in self._reader), None)
@@ -144,8 +183,10 @@ class RecDataset(Dataset):
             if header.flag < 2 or img:
                 raise DataFormatError(f"{where}: identity record needs a [start, end) label and no image "
                                       f"bytes (flag {header.flag}, {len(img)} image bytes)")
+            if not np.isfinite(label[:2]).all():
+                raise DataFormatError(f"{where}: identity {cls} has range {label[:2].tolist()}, expected record keys")
             start, end = int(label[0]), int(label[1])
-            if start != next_start or end < start:
+            if start != next_start or end < start or end > a:
                 raise DataFormatError(f"{where}: identity {cls} covers keys [{start}, {end}), expected a "
                                       f"range starting at {next_start} (ranges must tile keys 1..{a - 1})")
             labels[start - 1:end - 1] = cls
@@ -162,6 +203,17 @@ class RecDataset(Dataset):
             if found != cls:
                 raise DataFormatError(f"{self._reader.where(key)}: label {found:g}, but identity record "
                                       f"{identity_key} places it in class {cls}")
+
+    def _check_class_count(self) -> None:
+        """`property` must declare as many classes as the pack has identity records: a count that
+        disagrees would train a head with classes no image teaches (or fail on the first label)."""
+        if self._identities is None:
+            return
+        a, b = self._identities
+        if b - a != self.num_classes:
+            raise DataFormatError(f"{self.rec_path.parent / 'property'}: declares {self.num_classes} classes, but "
+                                  f"{self.rec_path} has {b - a} identity records (header [{a}, {b})); the first "
+                                  f"number in property must be the number of identities")
 
     def _checked_labels(self, labels: np.ndarray) -> np.ndarray:
         """int64 labels, each an integer in [0, num_classes) as `property` declares."""

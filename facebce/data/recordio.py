@@ -5,9 +5,15 @@ face2rec2), so packs written by real mxnet read here and packs written here read
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import ctypes
+import ctypes.util
 import operator
 import os
+import shutil
 import struct
+import secrets
 from pathlib import Path
 from typing import BinaryIO, NamedTuple, Sequence
 
@@ -17,6 +23,7 @@ from tqdm import tqdm
 from facebce.data.image_folder import scan_image_folder
 from facebce.data.transforms import decode_image
 from facebce.errors import DataFormatError
+from facebce.fileio import atomic_open, atomic_write_text, fsync_dir
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -104,24 +111,32 @@ def frame_record(payload: bytes) -> bytes:
     return b"".join(_chunk(f, payload[s:e]) for f, s, e in zip(flags, starts, ends))
 
 
-def _read_exact(fh: BinaryIO, n: int, where: str, what: str, pos: int) -> bytes:
+def _read_exact(fh: BinaryIO, n: int, where: str, what: str, pos: int, size: int) -> bytes:
+    """n bytes at the current position; a length beyond the file's `size` is refused before reading
+    (a damaged chunk header can declare up to 512 MB, which read(n) would allocate)."""
+    if pos + n > size:
+        raise DataFormatError(f"{where}: truncated file: {what} at offset {pos} needs {n} bytes, "
+                              f"only {max(size - pos, 0)} left")
     data = fh.read(n)
     if len(data) != n:
         raise DataFormatError(f"{where}: truncated file: {what} at offset {pos} needs {n} bytes, only {len(data)} left")
     return data
 
 
-def read_framed_record(fh: BinaryIO, offset: int, where: str) -> bytes:
+def read_framed_record(fh: BinaryIO, offset: int, where: str, size: int | None = None) -> bytes:
     """Read the record whose first chunk starts at `offset`, re-joining multi-part records.
 
     Stricter than dmlc: a part 2/3 without a preceding part 1, or a part 0/1 inside a multi-part
-    record, is an error rather than silently mis-joined data.
+    record, is an error rather than silently mis-joined data. `size`: the file's size (fstat when
+    not given); no chunk is read past it.
     """
+    if size is None:
+        size = os.fstat(fh.fileno()).st_size
     fh.seek(offset)
     parts: list[bytes] = []
     while True:
         pos = fh.tell()
-        magic, lrec = _CHUNK_HEAD.unpack(_read_exact(fh, 8, where, "chunk header", pos))
+        magic, lrec = _CHUNK_HEAD.unpack(_read_exact(fh, 8, where, "chunk header", pos, size))
         if magic != MAGIC:
             raise DataFormatError(f"{where}: bad magic 0x{magic:08X} at offset {pos} (expected 0x{MAGIC:08X})")
         cflag, length = lrec >> _LEN_BITS, lrec & _LEN_MASK
@@ -131,7 +146,7 @@ def read_framed_record(fh: BinaryIO, offset: int, where: str) -> bytes:
             raise DataFormatError(f"{where}: chunk flag {cflag} at offset {pos} inside a multi-part record")
         if not parts and cflag in (2, 3):
             raise DataFormatError(f"{where}: part {cflag} at offset {pos} without a preceding part 1")
-        data = _read_exact(fh, length + (-length % 4), where, "chunk", pos)
+        data = _read_exact(fh, length + (-length % 4), where, "chunk", pos, size)
         parts.append(data[:length])
         if cflag in (0, 3):
             return _MAGIC_BYTES.join(parts)
@@ -153,14 +168,22 @@ class _Place:
 class RecordIOWriter:
     """Writes a .rec and its .idx; both appear under their final names only on a successful close.
 
-    Data goes to temporary files in the same directories and is moved into place with os.replace,
-    so a crash or an exception inside the `with` block never leaves a half-written pack.
+    Each file is written through `facebce.fileio.atomic_open` (temporary file beside it, fsync,
+    rename), so a crash or an exception inside the `with` block never leaves a half-written file.
+    The two renames are two steps: a crash between them can leave a new .rec beside an old .idx.
+    `pack_image_folder` therefore writes a whole pack into a fresh folder and swaps folders; use it
+    (or write into an empty folder) when replacing a pack someone may read.
     """
 
     def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike):
         self.rec_path, self.idx_path = Path(rec_path), Path(idx_path)
-        self._rec, self._rec_tmp = _temp_file(self.rec_path)
-        self._idx, self._idx_tmp = _temp_file(self.idx_path)
+        self._stack = contextlib.ExitStack()
+        try:
+            self._rec = self._stack.enter_context(atomic_open(self.rec_path, "wb"))
+            self._idx = self._stack.enter_context(atomic_open(self.idx_path, "wb"))
+        except BaseException:
+            self._stack.close()
+            raise
         self._keys: set[int] = set()
 
     def write(self, key: int, payload: bytes) -> None:
@@ -172,19 +195,12 @@ class RecordIOWriter:
         self._rec.write(frame_record(payload))
 
     def close(self) -> None:
-        """Flush and move both files into place."""
-        for fh in (self._rec, self._idx):
-            fh.flush()
-            os.fsync(fh.fileno())
-            fh.close()
-        os.replace(self._rec_tmp, self.rec_path)
-        os.replace(self._idx_tmp, self.idx_path)
+        """fsync and move both files into place (the .idx is renamed first, then the .rec)."""
+        self._stack.close()
 
     def abort(self) -> None:
         """Drop everything written so far; the final paths are left untouched."""
-        for fh, tmp in ((self._rec, self._rec_tmp), (self._idx, self._idx_tmp)):
-            fh.close()
-            tmp.unlink(missing_ok=True)
+        self._stack.__exit__(_Aborted, _Aborted(), None)
 
     def __enter__(self) -> "RecordIOWriter":
         return self
@@ -196,10 +212,8 @@ class RecordIOWriter:
             self.abort()
 
 
-def _temp_file(final: Path) -> tuple[BinaryIO, Path]:
-    """A temporary file open for binary writing beside `final` (same filesystem: os.replace is atomic)."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.partial")
-    return open(tmp, "wb"), tmp
+class _Aborted(Exception):
+    """Thrown into the writer's atomic_open contexts to make them discard their temporary files."""
 
 
 class IndexedRecordReader:
@@ -218,7 +232,8 @@ class IndexedRecordReader:
         for path in (self.rec_path, self.idx_path):
             if not path.is_file():
                 raise DataFormatError(f"{path}: file not found")
-        self._offsets = _parse_idx(self.idx_path, self.rec_path.stat().st_size)
+        self._size = self.rec_path.stat().st_size
+        self._offsets = _parse_idx(self.idx_path, self._size)
 
     @property
     def keys(self) -> list[int]:
@@ -243,7 +258,7 @@ class IndexedRecordReader:
         """The payload of record `key` (KeyError if the .idx has no such key)."""
         if key not in self._offsets:
             raise KeyError(f"{self.idx_path}: no record with key {key}")
-        return read_framed_record(self._file(), self._offsets[key], self.place(key))
+        return read_framed_record(self._file(), self._offsets[key], self.place(key), self._size)
 
     def _file(self) -> BinaryIO:
         """This process's handle: a forked child must not share (and seek) its parent's file offset."""
@@ -276,22 +291,31 @@ class IndexedRecordReader:
 def _parse_idx(idx_path: Path, rec_size: int) -> dict[int, int]:
     """Parse '<key>\\t<offset>' lines into {key: offset}, rejecting anything a writer cannot produce."""
     offsets: dict[int, int] = {}
-    with open(idx_path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            where = f"{idx_path}: line {lineno}"
-            fields = line.rstrip("\r\n").split("\t")
-            try:
-                key, offset = (int(f) for f in fields)
-            except ValueError:
-                raise DataFormatError(f"{where}: expected '<key>\\t<offset>', got {line.rstrip()!r}") from None
-            if key in offsets:
-                raise DataFormatError(f"{where}: record {key}: duplicate key")
-            if offset < 0 or offset + _CHUNK_HEAD.size > rec_size:
-                raise DataFormatError(f"{where}: record {key}: offset {offset} is past the end of the "
-                                      f".rec ({rec_size} bytes)")
-            if offset % 4:
-                raise DataFormatError(f"{where}: record {key}: offset {offset} is not 4-byte aligned")
-            offsets[key] = offset
+    try:
+        text = idx_path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise DataFormatError(f"{idx_path}: cannot read the index ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{idx_path}: not a RecordIO index: byte {e.start} is not UTF-8 text "
+                              f"(expected '<key>\\t<offset>' lines)") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        where = f"{idx_path}: line {lineno}"
+        fields = line.split("\t")
+        try:
+            key, offset = (int(f) for f in fields)
+        except ValueError:
+            raise DataFormatError(f"{where}: expected '<key>\\t<offset>', got {line[:80]!r}") from None
+        if key in offsets:
+            raise DataFormatError(f"{where}: record {key}: duplicate key")
+        if offset < 0 or offset + _CHUNK_HEAD.size > rec_size:
+            raise DataFormatError(f"{where}: record {key}: offset {offset} is past the end of the "
+                                  f".rec ({rec_size} bytes)")
+        if offset % 4:
+            raise DataFormatError(f"{where}: record {key}: offset {offset} is not 4-byte aligned")
+        offsets[key] = offset
+    if not offsets:
+        raise DataFormatError(f"{idx_path}: empty index: no '<key>\\t<offset>' lines "
+                              f"(the .rec beside it has {rec_size} bytes)")
     return offsets
 
 
@@ -305,6 +329,9 @@ class PackSummary(NamedTuple):
     rec_bytes: int
 
 
+PACK_FILES = ("train.rec", "train.idx", "property")
+
+
 def pack_image_folder(root: str | os.PathLike, out_dir: str | os.PathLike, *,
                       label_style: str = "scalar", progress: bool = True) -> PackSummary:
     """Pack `root/<identity>/*.jpg|png` into out_dir/train.rec, train.idx, property (face2rec2 layout).
@@ -313,24 +340,143 @@ def pack_image_folder(root: str | os.PathLike, out_dir: str | os.PathLike, *,
     files sorted) with the class id as label (`label_style="scalar"`, flag 0) or face2rec2's
     [class_id, 1.0] (`"face2rec2"`); records a..b-1 are one [start, end) range per identity.
     Every image must decode and all must share one size, which goes into `property`.
+
+    Replacing a pack is all-or-nothing (see `_swap_in`): the three files are written into a fresh
+    hidden sibling folder and that folder takes out_dir's place in one atomic step, so a reader
+    (or a kill -9 at any moment) sees the old pack or the new one, never a new train.rec beside
+    an old train.idx.
     """
     if label_style not in ("scalar", "face2rec2"):
         raise ValueError(f"label_style must be 'scalar' or 'face2rec2', got {label_style!r}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataFormatError(f"{out}: exists and is not a folder (the pack's output folder)")
     classes, paths, labels = scan_image_folder(root)
     a = len(paths) + 1
     b = a + len(classes)
     if b > FLOAT32_EXACT_MAX:
         raise ValueError(f"{root}: {len(paths)} images and {len(classes)} identities need record keys "
                          f"above 2^24, which float32 header labels cannot hold exactly")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with RecordIOWriter(out / "train.rec", out / "train.idx") as writer:
-        writer.write(0, pack_image_record([a, b], b"", id=0))
-        size = _write_images(writer, paths, labels, label_style, progress)
-        for cls, (start, end) in enumerate(_class_ranges(labels, len(classes))):
-            writer.write(a + cls, pack_image_record([start, end], b"", id=a + cls))
-    _write_atomic(out / "property", f"{len(classes)},{size[0]},{size[1]}\n")
-    return PackSummary(len(classes), len(paths), size, (out / "train.rec").stat().st_size)
+    with _staging_folder(out) as stage:
+        with RecordIOWriter(stage / "train.rec", stage / "train.idx") as writer:
+            writer.write(0, pack_image_record([a, b], b"", id=0))
+            size = _write_images(writer, paths, labels, label_style, progress)
+            for cls, (start, end) in enumerate(_class_ranges(labels, len(classes))):
+                writer.write(a + cls, pack_image_record([start, end], b"", id=a + cls))
+        atomic_write_text(stage / "property", f"{len(classes)},{size[0]},{size[1]}\n")
+        rec_bytes = (stage / "train.rec").stat().st_size
+        _swap_in(stage, out)
+    return PackSummary(len(classes), len(paths), size, rec_bytes)
+
+
+# ---------------------------------------------------------------- replacing a pack folder atomically
+
+_STAGE_TAG = ".packing-"
+
+
+@contextlib.contextmanager
+def _staging_folder(out: Path):
+    """A new hidden folder beside `out` (same filesystem) holding a link to each of out's other
+    entries (a pack often sits beside verification .bin files); removed on exit, whatever happens.
+    Stale staging folders of killed packs (their process is gone) are removed first."""
+    out = Path(os.path.realpath(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_stages(out)
+    stage = _new_stage(out)
+    try:
+        if out.is_dir():
+            _link_tree(out, stage, skip=PACK_FILES)
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _new_stage(out: Path) -> Path:
+    """mkdir (mode from the umask, like any new folder) of a unique `.<name>.packing-<pid>-<token>`."""
+    while True:
+        stage = out.with_name(f".{out.name}{_STAGE_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.mkdir(stage)
+        except FileExistsError:
+            continue
+        if out.is_dir():
+            os.chmod(stage, out.stat().st_mode & 0o7777)  # the replacement keeps the folder's mode
+        return stage
+
+
+def _remove_stale_stages(out: Path) -> None:
+    for p in out.parent.glob(f".{glob.escape(out.name)}{_STAGE_TAG}*"):
+        pid = p.name[len(out.name) + 1 + len(_STAGE_TAG):].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _link_tree(src: Path, dst: Path, skip: Sequence[str] = ()) -> None:
+    """Hard-link (copy where links fail) every entry of `src` into the existing folder `dst`."""
+    def link(a, b):
+        try:
+            os.link(a, b, follow_symlinks=False)
+        except OSError:
+            shutil.copy2(a, b, follow_symlinks=False)
+    for entry in os.scandir(src):
+        if entry.name in skip or (entry.name.startswith(".") and _STAGE_TAG in entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.copytree(entry.path, dst / entry.name, symlinks=True, copy_function=link)
+        else:
+            link(entry.path, dst / entry.name)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL (filesystem cannot), ENOSYS (kernel cannot), EOPNOTSUPP
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Make the finished folder `stage` appear as `out` in one step.
+
+    - `out` absent: rename(stage, out), atomic.
+    - `out` exists: renameat2(RENAME_EXCHANGE) swaps the two folders atomically; the old pack ends
+      up under the staging name and is deleted with it.
+    - Where the kernel or filesystem cannot exchange: rename out aside, then stage into place. A
+      kill between the two leaves no `out` folder at all (reported as missing; the old pack is in
+      the hidden `.<name>.packing-*` sibling) -- still never a mix of two packs.
+    """
+    fsync_dir(stage)  # the files themselves were fsynced by atomic_open
+    out = Path(os.path.realpath(out))
+    if not out.exists():
+        os.rename(stage, out)
+    elif not _exchange(stage, out):
+        aside = stage.with_name(stage.name + "-old")
+        os.rename(out, aside)
+        os.rename(stage, out)
+        os.rename(aside, stage)  # so the staging context removes it
+    fsync_dir(out.parent)
 
 
 def _write_images(writer: RecordIOWriter, paths: list[Path], labels: np.ndarray,
@@ -338,7 +484,7 @@ def _write_images(writer: RecordIOWriter, paths: list[Path], labels: np.ndarray,
     """Write image records 1..n and return the common (H, W); the first image sets it."""
     size: tuple[int, int] | None = None
     for key, (path, label) in enumerate(tqdm(list(zip(paths, labels)), desc="pack", unit="img",
-                                             disable=not progress), start=1):
+                                             disable=None if progress else True), start=1):
         data = path.read_bytes()
         img = decode_image(data, where=str(path), size=size)
         size = size or img.shape[:2]
@@ -352,10 +498,3 @@ def _class_ranges(labels: np.ndarray, num_classes: int) -> list[tuple[int, int]]
     ends = np.searchsorted(labels, np.arange(num_classes), side="right") + 1
     starts = np.concatenate([[1], ends[:-1]])
     return [(int(s), int(e)) for s, e in zip(starts, ends)]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fh, tmp = _temp_file(path)
-    with fh:
-        fh.write(text.encode())
-    os.replace(tmp, path)

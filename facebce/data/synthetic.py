@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 from facebce.data.transforms import eval_transform, train_transform
 from facebce.errors import ConfigError, DataFormatError
+from facebce.fileio import fsync_dir
 
 # insightface's 112x112 alignment template: left eye, right eye, nose tip, left and right mouth corner.
 TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -336,8 +337,9 @@ class SyntheticFaceDataset(Dataset):
 def write_image_folder(faces: SyntheticFaces, root: str | os.PathLike) -> Path:
     """Write `root/id_<label>/<index>.jpg` (numbers zero-padded so that sorted order is numeric order).
 
-    Everything goes into a temporary sibling folder that is renamed to `root` at the end, so an
-    interrupted run never leaves a partial set where a reader would take it for a complete one.
+    Everything goes into a temporary sibling folder that is renamed to `root` at the end (then the
+    parent folder is fsynced: facebce.fileio), so an interrupted run never leaves a partial set where
+    a reader would take it for a complete one. Files and folders get the umask's normal permissions.
     """
     root = Path(root)
     if root.exists() and any(root.iterdir()):
@@ -357,6 +359,7 @@ def write_image_folder(faces: SyntheticFaces, root: str | os.PathLike) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(root.parent)
     return root
 
 

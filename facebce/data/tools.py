@@ -25,6 +25,8 @@ def synthesize(out: str | os.PathLike, *, identities: int = 50, images: int = 10
     Returns a human-readable summary.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataFormatError(f"{out}: exists and is not a folder (the synthetic set's output folder)")
     faces = SyntheticFaces(identities, images, seed=seed, first_identity=first_identity)
     lines = [f"synthetic identities {first_identity}..{first_identity + identities - 1} "
              f"x {images} images (seed {seed}) -> {write_image_folder(faces, out / 'images')}"]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from facebce.errors import DataFormatError
+from facebce.fileio import decode_bgr
 
 # cv2 threads fight DataLoader workers for the same cores; decoding one small image needs none.
 cv2.setNumThreads(1)
@@ -26,14 +27,15 @@ def decode_image(buf: bytes | np.ndarray, *, where: str, size: tuple[int, int] |
                  contiguous: bool = True) -> np.ndarray:
     """Decode JPEG/PNG bytes to an RGB uint8 HxWx3 array.
 
-    `where` names the file and record for the error message; `size` = (H, W) is checked when given.
+    Decoding goes through `facebce.fileio.decode_bgr`, the one image-reading path: the pixel count
+    in the header is checked before OpenCV allocates anything. `where` names the file and record
+    for the error message; `size` = (H, W) is checked when given.
     `contiguous=False` returns the RGB channels as a reversed view of OpenCV's BGR buffer (no copy:
     fine for numpy and `to_tensor`, not for OpenCV calls or `torch.from_numpy`).
     """
-    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
-    img = cv2.imdecode(arr, cv2.IMREAD_COLOR) if arr.size else None
-    if img is None:
-        raise DataFormatError(f"{where}: image bytes do not decode ({arr.size} bytes)")
+    if not len(buf):
+        raise DataFormatError(f"{where}: image bytes do not decode (0 bytes: empty)")
+    img = decode_bgr(buf, where=where)  # header-checked: a decompression bomb is refused before decoding
     if size is not None and img.shape[:2] != tuple(size):
         raise DataFormatError(
             f"{where}: image is {img.shape[0]}x{img.shape[1]}, expected {size[0]}x{size[1]}")

@@ -8,6 +8,7 @@ Pair k is images 2k and 2k+1; `issame[k]` says whether they show the same person
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import pickle
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from facebce.data.transforms import decode_image
 from facebce.errors import DataFormatError
+from facebce.fileio import atomic_open
 
 BIN_IMAGE_SIZE = 112
 _PROGRESS_MIN_IMAGES = 1000  # below this a progress bar is noise
@@ -61,15 +63,41 @@ class _RefuseOutOfBandBuffers:
         raise DataFormatError(f"{self._where}: refused out-of-band buffer (pickle protocol 5 NEXT_BUFFER)")
 
 
-class _AllowListUnpickler(pickle.Unpickler):
+def _ints(shape, where: str, what: str) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise DataFormatError(f"{where}: refused {what} shape {str(shape)[:80]} (expected non-negative ints)")
+    return tuple(int(n) for n in shape)
+
+
+class _AllowListUnpickler(pickle._Unpickler):
     """Resolves only the globals formats.md §5 lists; anything else is refused before it is imported or called.
 
+    Bounded by the file: the unpickler reads from the file's bytes in memory (a declared length
+    beyond them reads what is there and fails, never allocates the declared size), and every NumPy
+    reconstructor and state it accepts is checked first: no object dtypes (numpy would fill them
+    from pickle data, and can crash doing so), no array, dtype or scalar larger than the file
+    (`limit` bytes) -- a 67-byte pickle declaring a 3-billion-element array is refused before numpy
+    allocates. The pure-Python unpickler is used because its BUILD step can be checked; it costs
+    ~0.1 s on LFW's 12000 images.
     `encoding='bytes'` keeps Python-2 `str` images as bytes (the default ASCII decoding fails on 0xFF).
     """
 
-    def __init__(self, file, where: str):
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, where: str, limit: int):
         super().__init__(file, encoding="bytes", buffers=_RefuseOutOfBandBuffers(where))
-        self._where = where
+        self._where, self._limit = where, limit
+        self._calls = {np.ndarray: None, np.dtype: self._dtype}
+        for (module, name), fn in _NUMPY_GLOBALS.items():
+            if name == "_reconstruct":
+                self._calls[fn] = self._reconstruct
+            elif name == "scalar":
+                self._calls[fn] = self._scalar
+            elif name == "_frombuffer":
+                self._calls[fn] = self._frombuffer
 
     def find_class(self, module: str, name: str):
         if (module, name) == ("_codecs", "encode"):
@@ -89,6 +117,103 @@ class _AllowListUnpickler(pickle.Unpickler):
             raise DataFormatError(
                 f"{self._where}: refused _codecs.encode({type(text).__name__}, {encoding!r}) (only latin1 str allowed)")
         return text.encode("latin1")
+
+    # -------------------------------------------------------------- checked numpy reconstructors
+    def _refuse(self, what: str):
+        raise DataFormatError(f"{self._where}: refused {what}")
+
+    def _bounded(self, shape, dtype: np.dtype, what: str) -> tuple[int, ...]:
+        shape = _ints(shape, self._where, what)
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if nbytes > self._limit:
+            self._refuse(f"{what} of shape {shape} {dtype}: {nbytes:,} bytes declared, more than the "
+                         f"file's {self._limit:,} bytes can hold")
+        return shape
+
+    def _checked_dtype(self, dt, what: str) -> np.dtype:
+        if not isinstance(dt, np.dtype):
+            self._refuse(f"{what}: dtype is {type(dt).__name__}, expected numpy.dtype")
+        if dt.hasobject or dt.itemsize > self._limit:
+            self._refuse(f"{what}: dtype {dt} (object dtypes and itemsizes beyond the file are not allowed)")
+        return dt
+
+    def _dtype(self, obj, align=False, copy=False):
+        if not isinstance(obj, (str, bytes)) or len(obj) > 16:
+            self._refuse(f"numpy.dtype({str(obj)[:40]!r}) (only short type codes such as 'u1')")
+        try:
+            dt = np.dtype(obj.decode("latin1") if isinstance(obj, bytes) else obj, align=bool(align), copy=bool(copy))
+        except (TypeError, ValueError) as e:
+            self._refuse(f"numpy.dtype({obj!r}) ({e})")
+        return self._checked_dtype(dt, "numpy.dtype")
+
+    def _reconstruct(self, subtype, shape, dtype):
+        if subtype is not np.ndarray:
+            self._refuse(f"_reconstruct of {getattr(subtype, '__name__', type(subtype).__name__)} (only numpy.ndarray)")
+        dt = self._dtype(dtype) if not isinstance(dtype, np.dtype) else self._checked_dtype(dtype, "_reconstruct")
+        return np.ndarray(self._bounded(shape, dt, "array"), dt)
+
+    def _scalar(self, dtype, data=None):
+        dt = self._checked_dtype(dtype, "numpy scalar")
+        if not isinstance(data, (bytes, bytearray)) or len(data) != dt.itemsize:
+            self._refuse(f"numpy scalar of {dt} from {type(data).__name__} (expected {dt.itemsize} bytes)")
+        return np.frombuffer(data, dt)[0]
+
+    def _frombuffer(self, buf, dtype, shape, order):
+        dt = self._checked_dtype(dtype, "_frombuffer")
+        if not isinstance(buf, (bytes, bytearray)) or order not in ("C", "F"):
+            self._refuse(f"_frombuffer of {type(buf).__name__} (expected bytes)")
+        shape = self._bounded(shape, dt, "_frombuffer array")
+        if int(np.prod(shape, dtype=object)) * dt.itemsize != len(buf):
+            self._refuse(f"_frombuffer: {len(buf)} bytes do not fill shape {shape} {dt}")
+        return np.frombuffer(buf, dt).reshape(shape, order=order)
+
+    # -------------------------------------------------------------- opcodes that build objects
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if getattr(func, "__func__", None) is _AllowListUnpickler._encode_latin1:
+            call = func
+        else:  # numpy.ndarray itself maps to None: calling it would allocate any declared shape
+            call = next((c for f, c in self._calls.items() if f is func), None)
+        if call is None or not isinstance(args, tuple):
+            self._refuse(f"call of {getattr(func, '__name__', type(func).__name__)} in the pickle")
+        self.stack[-1] = call(*args)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.ndarray) and type(inst) is np.ndarray:
+            self._build_array(inst, state)
+        elif isinstance(inst, np.dtype):
+            self._build_dtype(inst, state)
+        else:
+            self._refuse(f"setting the state of a {type(inst).__name__}")
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def _build_array(self, arr: np.ndarray, state) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            self._refuse("ndarray state (expected a 4- or 5-tuple)")
+        shape, dt, fortran, raw = state[-4:]
+        dt = self._checked_dtype(dt, "ndarray state")
+        shape = self._bounded(shape, dt, "array")
+        if not isinstance(raw, (bytes, bytearray)) or not isinstance(fortran, (bool, int)):
+            self._refuse(f"ndarray state with {type(raw).__name__} data (expected bytes)")
+        arr.__setstate__(state)
+
+    def _build_dtype(self, dt: np.dtype, state) -> None:
+        if not isinstance(state, tuple) or len(state) not in (8, 9) or state[3] is not None or state[4] is not None:
+            self._refuse("dtype state (only plain numeric dtypes: no fields, no subarrays)")
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in state[-3:]):
+            self._refuse("dtype state (elsize, alignment and flags must be ints)")
+        dt.__setstate__(state)
+        self._checked_dtype(dt, "dtype state")
+
+    def _no_instances(self):
+        self._refuse("object construction (NEWOBJ/INST/OBJ) in the pickle")
+    for _op in (pickle.NEWOBJ, pickle.NEWOBJ_EX, pickle.INST, pickle.OBJ):
+        dispatch[_op[0]] = _no_instances
+    del _op
 
 
 @dataclass
@@ -159,14 +284,19 @@ def load_bin(path: str | os.PathLike, *, allow_yaw: bool = False) -> Verificatio
     where = str(path)
     if not path.is_file():
         raise DataFormatError(f"{where}: no such verification .bin file")
-    with open(path, "rb") as f:
-        try:
-            obj = _AllowListUnpickler(f, where).load()
-        except DataFormatError:
-            raise
-        except Exception as e:  # any failure of an untrusted pickle is a format error of this file
-            detail = " ".join(str(e).split())
-            raise DataFormatError(f"{where}: not a readable pickle ({type(e).__name__}: {detail})") from e
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataFormatError(f"{where}: cannot read ({e.strerror or e})") from None
+    if not data:
+        raise DataFormatError(f"{where}: empty file (0 bytes), not a verification .bin")
+    try:
+        obj = _AllowListUnpickler(io.BytesIO(data), where, limit=len(data)).load()
+    except DataFormatError:
+        raise
+    except Exception as e:  # any failure of an untrusted pickle is a format error of this file
+        detail = " ".join(str(e).split())[:200]
+        raise DataFormatError(f"{where}: not a readable pickle ({type(e).__name__}: {detail})") from None
     images, issame = _unpack(obj, where, allow_yaw)
     return VerificationSet(*_checked(images, issame, where), path=path)
 
@@ -225,16 +355,13 @@ def save_bin(path: str | os.PathLike, images: Sequence[bytes | np.ndarray], issa
     """Write a .bin that needs no pickle globals: protocol 4, `bytes` images, Python `bool` labels.
 
     Equal images are written once (the pickle memo then refers back), as in the original files.
-    The file is written beside `path` and renamed over it, so readers never see half a file.
+    Written through `facebce.fileio.atomic_open` (temp file, fsync, rename): readers never see half a file.
     """
     path = Path(path)
     out_images, labels = _checked(images, issame, str(path))
     distinct: dict[bytes, bytes] = {}
     out_images = [distinct.setdefault(img, img) for img in out_images]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump((out_images, [bool(x) for x in labels]), f, protocol=4)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if path.is_dir():
+        raise DataFormatError(f"{path}: is a folder, expected a .bin file path")
+    with atomic_open(path, "wb") as f:
+        pickle.dump((out_images, [bool(x) for x in labels]), f, protocol=4)

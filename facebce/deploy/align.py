@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +20,8 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from facebce.errors import ConfigError, DataFormatError, ModelError
+from facebce.errors import ConfigError, DataFormatError, FacebceError, ModelError
+from facebce.fileio import atomic_write_bytes, read_bgr
 
 # insightface `arcface_dst` for 112x112 (x, y): eye left, eye right, nose, mouth left, mouth right.
 # Kept in float32 like insightface, so the estimated transform and the crop are bit-identical.
@@ -231,13 +231,14 @@ def nms(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> np.ndarray:
 
 
 def _check_input_size(input_size) -> tuple[int, int]:
+    """(width, height) of the detector input (`--det-size` on the command line sets both)."""
     try:
         width, height = (int(v) for v in input_size)
     except (TypeError, ValueError):
-        raise ConfigError(f"input_size={input_size!r}: expected (width, height)") from None
+        raise ConfigError(f"det-size (input_size={input_size!r}): expected (width, height)") from None
     if width <= 0 or height <= 0 or width % 32 or height % 32:
-        raise ConfigError(f"input_size={input_size!r}: width and height must be positive multiples of 32 "
-                          f"(the coarsest SCRFD stride)")
+        raise ConfigError(f"det-size {width if width == height else (width, height)}: the detector input must "
+                          f"be a positive multiple of 32 (the coarsest SCRFD stride), e.g. 320 or 640")
     return width, height
 
 
@@ -326,13 +327,16 @@ class AlignRecord:
     """What happened to one source image.
 
     status: ok (faces written), multi_face_picked (several faces, the policy wrote one; policy
-    'all' writes every face and says ok), no_face, unreadable (cannot be read or decoded).
+    'all' writes every face and says ok), no_face, unreadable (cannot be read or decoded, or
+    declares more pixels than allowed), unusable (decodes, but cannot be detected on: e.g. 2x3000
+    pixels). `reason` says why for the last two; one bad photo never stops the folder.
     """
     file: str                # path relative to src_root, '/'-separated
-    status: str              # ok | multi_face_picked | no_face | unreadable
+    status: str              # ok | multi_face_picked | no_face | unreadable | unusable
     faces: int               # faces found (after min_score)
     score: float | None      # detector score of the written face (policy 'all': the best one)
     outputs: list[str] = field(default_factory=list)  # written files, relative to dst_root
+    reason: str = ""         # why a photo is unreadable or unusable
 
 
 @dataclass
@@ -344,7 +348,7 @@ class AlignReport:
     size: int
     records: list[AlignRecord] = field(default_factory=list)
 
-    STATUSES = ("ok", "multi_face_picked", "no_face", "unreadable")
+    STATUSES = ("ok", "multi_face_picked", "no_face", "unreadable", "unusable")
 
     @property
     def counts(self) -> dict[str, int]:
@@ -354,13 +358,13 @@ class AlignReport:
         folder = Path(folder)
         doc = {k: v for k, v in asdict(self).items() if k != "records"}
         doc.update(counts=self.counts, files=[asdict(r) for r in self.records])
-        _write_atomic(folder / REPORT_JSON, (json.dumps(doc, indent=1) + "\n").encode())
+        atomic_write_bytes(folder / REPORT_JSON, (json.dumps(doc, indent=1) + "\n").encode())
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
-        writer.writerow(["file", "status", "faces", "score"])
-        writer.writerows([r.file, r.status, r.faces, "" if r.score is None else f"{r.score:.4f}"]
+        writer.writerow(["file", "status", "faces", "score", "reason"])
+        writer.writerows([r.file, r.status, r.faces, "" if r.score is None else f"{r.score:.4f}", r.reason]
                          for r in self.records)
-        _write_atomic(folder / REPORT_CSV, text.getvalue().encode())
+        atomic_write_bytes(folder / REPORT_CSV, text.getvalue().encode())
 
 
 def align_folder(src_root: str | os.PathLike, dst_root: str | os.PathLike, aligner: FaceAligner, *,
@@ -369,19 +373,24 @@ def align_folder(src_root: str | os.PathLike, dst_root: str | os.PathLike, align
 
     Each crop goes to the mirrored path (policy 'all': `<stem>_face<K><suffix>`, K = detector
     rank), written atomically so an interrupted run leaves no half-written crops. Images that
-    cannot be decoded or hold no face are skipped and reported, not fatal; the report is
-    returned and written to `dst_root` as alignment_report.json / .csv.
+    cannot be decoded, are too large or too odd to detect on, or hold no face are skipped and
+    reported with the reason, not fatal; the report is returned and written to `dst_root` as
+    alignment_report.json / .csv (also when the run is interrupted: what was done is reported).
     """
     src_root, dst_root = Path(src_root), Path(dst_root)
     if not src_root.is_dir():
         raise DataFormatError(f"{src_root}: not a directory")
+    if dst_root.exists() and not dst_root.is_dir():
+        raise DataFormatError(f"{dst_root}: exists and is not a folder (the output folder for aligned crops)")
     if dst_root.resolve() == src_root.resolve():
         raise ConfigError(f"dst_root={str(dst_root)!r}: must differ from src_root (crops would overwrite photos)")
     report = AlignReport(str(src_root), str(dst_root), aligner.policy, aligner.size)
-    for path in tqdm(_image_files(src_root, dst_root), desc="align", unit="img", disable=not progress):
-        rel = path.relative_to(src_root)
-        report.records.append(_align_file(path, rel, dst_root, aligner, jpeg_quality))
-    report.write(dst_root)
+    try:
+        for path in tqdm(_image_files(src_root, dst_root), desc="align", unit="img", disable=not progress):
+            rel = path.relative_to(src_root)
+            report.records.append(_align_file(path, rel, dst_root, aligner, jpeg_quality))
+    finally:
+        report.write(dst_root)
     return report
 
 
@@ -395,29 +404,33 @@ def _image_files(src_root: Path, dst_root: Path) -> list[Path]:
 
 
 def _align_file(path: Path, rel: Path, dst_root: Path, aligner: FaceAligner, jpeg_quality: int) -> AlignRecord:
-    img = _read_bgr(path)
-    if img is None:
-        return AlignRecord(rel.as_posix(), "unreadable", 0, None)
-    dets = aligner.candidates(img)
-    faces = aligner.align_detections(img, dets)
+    try:
+        img = read_bgr(path)  # header-checked: a decompression bomb is refused before decoding
+    except FacebceError as e:
+        return AlignRecord(rel.as_posix(), "unreadable", 0, None, reason=_reason(e, path))
+    try:
+        dets = aligner.candidates(img)
+        faces = aligner.align_detections(img, dets)
+    except (FacebceError, cv2.error) as e:  # a photo too odd to detect on: report it, go on
+        reason, size = _reason(e, "image"), f"{img.shape[1]}x{img.shape[0]}"
+        reason = reason if size in reason else f"{size}: {reason}"
+        return AlignRecord(rel.as_posix(), "unusable", 0, None, reason=reason)
     if not faces:
         return AlignRecord(rel.as_posix(), "no_face", len(dets), None)
     outputs = []
     for face in faces:
         out = rel if aligner.policy != "all" else rel.with_name(f"{rel.stem}_face{face.index}{rel.suffix}")
-        _write_atomic(dst_root / out, _encode(face.crop, rel.suffix, jpeg_quality, path))
+        atomic_write_bytes(dst_root / out, _encode(face.crop, rel.suffix, jpeg_quality, path))
         outputs.append(out.as_posix())
     status = "multi_face_picked" if len(dets) > 1 and aligner.policy != "all" else "ok"
     return AlignRecord(rel.as_posix(), status, len(dets), faces[0].score, outputs)
 
 
-def _read_bgr(path: Path) -> np.ndarray | None:
-    """BGR image, or None when the file cannot be read or decoded (reported, not raised)."""
-    try:
-        buf = np.fromfile(path, dtype=np.uint8)  # np.fromfile + imdecode also handles non-ASCII paths
-    except OSError:
-        return None
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+def _reason(e: Exception, prefix) -> str:
+    """An error's one line without the leading '<path>: ' (the report names the file already)."""
+    text = " ".join(str(e).split()) if not isinstance(e, cv2.error) else "OpenCV: " + str(e).strip().splitlines()[-1]
+    head = f"{prefix}: "
+    return text[len(head):] if text.startswith(head) else text
 
 
 def _encode(crop: np.ndarray, suffix: str, jpeg_quality: int, source: Path) -> bytes:
@@ -426,16 +439,3 @@ def _encode(crop: np.ndarray, suffix: str, jpeg_quality: int, source: Path) -> b
     if not ok:
         raise DataFormatError(f"{source}: OpenCV could not encode the aligned crop as {suffix}")
     return buf.tobytes()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + os.replace: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

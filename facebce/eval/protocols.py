@@ -1,5 +1,6 @@
-"""Evaluation protocols are data: one small YAML file each, found in `eval_protocols/` and in any
-directory or file the user adds, so a new benchmark needs no code (style.md: protocols are data).
+"""Evaluation protocols are data: one small YAML file each, shipped inside the package (source: the
+checkout's `eval_protocols/`, found through facebce.resources) and in any directory or file the
+user adds, so a new benchmark needs no code (style.md: protocols are data).
 
 Three kinds exist:
 - `pairs_bin`: an insightface verification `.bin` (LFW, CFP-FP, AgeDB-30, ...);
@@ -24,8 +25,8 @@ from types import MappingProxyType
 import yaml
 
 from facebce.errors import ConfigError
+from facebce.resources import shipped_dir
 
-SHIPPED_DIR = Path(__file__).resolve().parents[2] / "eval_protocols"
 PATH_ENV = "FACEBCE_PROTOCOLS"  # extra protocol dirs/files, os.pathsep-separated
 KINDS = ("pairs_bin", "pairs_list", "ijb", "open_set_folder", "classification_folder")
 METRICS = ("ten_fold", "tar_at_far", "identification")  # best/global threshold are always reported
@@ -243,7 +244,7 @@ def _protocol_files(where: Path) -> list[Path]:
 def _search_path(extra: Iterable[str | os.PathLike]) -> list[Path]:
     """Shipped protocols first, then FACEBCE_PROTOCOLS, then `extra`: a later source overrides a name."""
     env = [Path(p) for p in os.environ.get(PATH_ENV, "").split(os.pathsep) if p]
-    return [SHIPPED_DIR, *env, *(Path(p) for p in extra)]
+    return [shipped_dir("protocols"), *env, *(Path(p) for p in extra)]
 
 
 def load_registry(extra: Iterable[str | os.PathLike] = ()) -> dict[str, Protocol]:

@@ -28,14 +28,15 @@ from tqdm import tqdm
 
 from facebce.errors import DataFormatError, ModelError
 
-__all__ = ["META_COLOR", "META_MEAN", "META_STD", "META_THRESHOLD", "OnnxEmbedder", "Preprocess",
-           "TorchEmbedder", "default_providers", "insightface_preprocess", "ort_session_options"]
+__all__ = ["META_COLOR", "META_LEARNED_THRESHOLD", "META_MEAN", "META_STD", "META_THRESHOLD", "OnnxEmbedder",
+           "Preprocess", "TorchEmbedder", "default_providers", "insightface_preprocess", "ort_session_options"]
 
 # facebce's ONNX metadata_props keys read here (export.py writes them and a few more).
 META_MEAN = "input_mean"
 META_STD = "input_std"
 META_COLOR = "color_order"
-META_THRESHOLD = "threshold"
+META_THRESHOLD = "threshold"  # a PAIR threshold (embedding vs embedding), given or calibrated by a user
+META_LEARNED_THRESHOLD = "learned_threshold"  # a head's b/γ: embedding vs CLASS CENTRE, never a pair threshold
 
 _PROGRESS_MIN_IMAGES = 1000  # below this a progress bar is noise
 _SNIFF_NODES = 8  # insightface's ArcFaceONNX looks at the first 8 graph nodes only
@@ -267,12 +268,20 @@ class OnnxEmbedder(_Embedder):
 
     @property
     def threshold(self) -> float | None:
-        """The recommended global threshold from facebce's metadata, or None."""
-        value = self.metadata.get(META_THRESHOLD)
+        """The pair threshold (cosine of two embeddings) from facebce's metadata, or None."""
+        return self._meta_float(META_THRESHOLD)
+
+    @property
+    def learned_threshold(self) -> float | None:
+        """The training head's learned class-centre threshold b/γ from the metadata, or None."""
+        return self._meta_float(META_LEARNED_THRESHOLD)
+
+    def _meta_float(self, key: str) -> float | None:
+        value = self.metadata.get(key)
         try:
             return None if value is None else float(value)
         except ValueError:
-            raise ModelError(f"{self.name}: metadata {META_THRESHOLD}={value!r} is not a number") from None
+            raise ModelError(f"{self.name}: metadata {key}={value!r} is not a number") from None
 
     def _step(self) -> int:
         return self.fixed_batch or self.batch_size

@@ -8,17 +8,19 @@ unsampled rows keep decaying and carrying momentum), the GradScaler, the step an
 every rank's RNG states (python, numpy, torch, CUDA, Partial-FC's sampling generator) and the
 resolved config. Only plain containers, numbers, strings and tensors are stored.
 
-Writes go to a temporary file in the same folder, are fsynced and renamed over the final name
-(os.replace is atomic), so a crash mid-write leaves the previous checkpoints intact and never a
-half-written file under a checkpoint name.
+Writes go through `facebce.fileio.atomic_open` (a temporary file in the same folder, fsynced and
+renamed over the final name), so a crash mid-write leaves the previous checkpoints intact and never
+a half-written file under a checkpoint name. Reads go through `facebce.fileio.torch_load_weights_only`:
+a damaged or malicious file is one line naming it, never torch's multi-line text.
 """
 from __future__ import annotations
 
 import os
 import random
 import re
+import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from facebce.errors import FacebceError, ModelError
+from facebce.fileio import atomic_open, torch_load_weights_only
 from facebce.models import load_insightface_weights
 
 FORMAT = "facebce-train-checkpoint"
@@ -35,34 +38,11 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 # ------------------------------------------------------------------------------------ files
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
-    """torch.save to a temp file beside `path`, fsync, rename over `path`, fsync the folder."""
+    """torch.save through `facebce.fileio.atomic_open`: temp file beside `path`, fsync, rename, fsync the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
     return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def checkpoint_path(folder: Union[str, os.PathLike], step: int) -> Path:
@@ -79,29 +59,50 @@ def list_checkpoints(folder: Union[str, os.PathLike]) -> list[Path]:
 
 
 def load_checkpoint(path: Union[str, os.PathLike]) -> dict:
-    """Read a training checkpoint safely (weights_only); FacebceError naming the file otherwise."""
+    """Read a training checkpoint safely (weights_only); one-line FacebceError naming the file otherwise
+    ('not a weights-only checkpoint: it contains posix.system', 'truncated or not a torch file')."""
     path = Path(path)
     if not path.is_file():
         raise FacebceError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, pickle errors, ...
-        raise FacebceError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = torch_load_weights_only(path, what="checkpoint")
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != FORMAT:
         raise FacebceError(f"{path}: not a facebce training checkpoint")
-    if ckpt.get("version", 0) > VERSION:
-        raise FacebceError(f"{path}: checkpoint version {ckpt['version']} is newer than this facebce ({VERSION})")
+    if not isinstance(ckpt.get("version", 0), int) or ckpt.get("version", 0) > VERSION:
+        raise FacebceError(f"{path}: checkpoint version {ckpt['version']!r} is newer than this facebce ({VERSION})")
     return dict(ckpt)
 
 
-def latest_checkpoint(folder: Union[str, os.PathLike]) -> Optional[tuple[Path, dict]]:
-    """The newest checkpoint in `folder` that loads (a damaged newer one is skipped), or None."""
+def latest_checkpoint(folder: Union[str, os.PathLike], *, older: bool = False,
+                      report: Optional[Callable[[str], None]] = None) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint in `folder` and its contents, or None when there is none.
+
+    A newest checkpoint that does not load (truncated, malicious, not facebce's) is never skipped
+    silently: by default it is a one-line FacebceError naming it and why, which points at
+    `--resume-older`; with `older=True` the newest one that loads is used and each skipped one is
+    passed to `report` (default: a line on stderr) with the reason.
+    """
+    skipped: list[str] = []
     for path in reversed(list_checkpoints(folder)):
         try:
-            return path, load_checkpoint(path)
-        except FacebceError:
+            found = path, load_checkpoint(path)
+        except FacebceError as e:
+            if not older:
+                older_ones = len(list_checkpoints(folder)) - 1
+                raise FacebceError(f"--resume: newest checkpoint refused: {e}; not resuming from an older one "
+                                   f"silently ({older_ones} older in {Path(folder)}): remove it or pass "
+                                   f"--resume-older") from None
+            skipped.append(f"skipped checkpoint {e}")
             continue
+        for line in skipped:
+            (report or _stderr)(f"{line}; resuming from {path.name}")
+        return found
+    for line in skipped:
+        (report or _stderr)(line)
     return None
+
+
+def _stderr(line: str) -> None:
+    print(f"facebce: {line}", file=sys.stderr)
 
 
 def prune_checkpoints(folder: Union[str, os.PathLike], keep: int) -> None:
@@ -116,10 +117,7 @@ def load_backbone_init(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     where = os.fspath(path)
     if not os.path.isfile(where):
         raise ModelError(f"{where}: no such checkpoint file")
-    try:
-        state = torch.load(where, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelError(f"{where}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    state = torch_load_weights_only(where, what="checkpoint")
     if isinstance(state, Mapping) and state.get("format") == FORMAT:
         state = state["backbone"]
     load_insightface_weights(model, state)

@@ -2,7 +2,7 @@
 
 A recipe is a few lines over a base (arcface_torch style)::
 
-    base: base.yaml            # relative to this file; bases may have bases
+    base: base.yaml            # beside this file, else the shipped one; bases may have bases
     model: {arch: r50}
     head: {name: bce_u_norm, scale: 64, sample_rate: 0.2}
 
@@ -31,6 +31,7 @@ import torch
 from facebce.errors import ConfigError, ModelError
 from facebce.heads import check_config, list_heads
 from facebce.models import build_backbone
+from facebce.resources import recipe_path, resolve_base
 
 DATA_KINDS = ("synthetic", "rec", "folder")
 OPTIMIZERS = ("sgd", "adamw")
@@ -153,7 +154,7 @@ def load_config(path: Union[str, os.PathLike, None] = None, overrides: Optional[
     """Read a recipe (following `base:` links), apply `key.path=value` overrides, validate."""
     raw: dict = {}
     if path is not None:
-        raw = _read_recipe(Path(path), ())
+        raw = _read_recipe(recipe_path(path), ())
     if data is not None:
         raw = merge(raw, _plain(data, "<dict>"))
     for item in overrides or []:
@@ -179,7 +180,7 @@ def _read_recipe(path: Path, chain: tuple) -> dict:
         return doc
     if not isinstance(base, str):
         raise ConfigError(f"base: expected a recipe file name, got {base!r} in {path}")
-    return merge(_read_recipe(path.parent / base, chain + (path,)), doc)
+    return merge(_read_recipe(resolve_base(base, path), chain + (path,)), doc)
 
 
 def _plain(doc: Any, where: str) -> dict:

@@ -41,7 +41,7 @@ from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, 
                                      Verification, write_json_atomic)
 from facebce.train.config import TrainConfig, load_config, save_config
 from facebce.train.loader import (SeededSamples, ShardedBatchSampler, batch_collate, batches_per_epoch, build_datasets,
-                                  normalise_batch)
+                                  normalise_batch, raise_worker_errors)
 
 
 class TrainingDiverged(FacebceError):
@@ -71,7 +71,7 @@ class TrainResult:
 
 def train_from_recipe(path: Union[str, os.PathLike], overrides: Sequence[str] = (), resume: bool = False,
                       init_backbone: Optional[str] = None, out_dir: Optional[str] = None,
-                      callbacks: Sequence[Callback] = ()) -> TrainResult:
+                      callbacks: Sequence[Callback] = (), resume_older: bool = False) -> TrainResult:
     """Load a recipe (+ `key=value` overrides) and train; `resume` continues from the run folder's
     newest checkpoint; `init_backbone` starts the backbone from a .pth; `out_dir` is the run folder."""
     extra = list(overrides)
@@ -82,11 +82,14 @@ def train_from_recipe(path: Union[str, os.PathLike], overrides: Sequence[str] = 
         cfg.checkpoint.dir = os.fspath(out_dir)
     elif cfg.checkpoint.dir is None:
         cfg.checkpoint.dir = str(Path("runs") / Path(path).stem)
-    return train(cfg, resume=resume, callbacks=callbacks)
+    return train(cfg, resume=resume, callbacks=callbacks, resume_older=resume_older)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callback] = ()) -> TrainResult:
-    trainer = Trainer(cfg, resume=resume, callbacks=callbacks)
+def train(cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callback] = (),
+          resume_older: bool = False) -> TrainResult:
+    """`resume_older`: when the newest checkpoint does not load, resume from the newest that does
+    (saying on stderr which was skipped and why) instead of refusing."""
+    trainer = Trainer(cfg, resume=resume, callbacks=callbacks, resume_older=resume_older)
     try:
         return trainer.fit()
     finally:
@@ -132,7 +135,8 @@ class Trainer:
     `cfg`, `step`, `total_steps`, `epoch`, `rank`, `world_size`, `is_main`, `backbone` (the bare
     module), `head` (PartialFC), `run_dir`, `autocast_dtype`, `last_record`, `log()`, `say()`."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callback] = ()):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callback] = (),
+                 resume_older: bool = False):
         self.cfg = cfg
         self.rank, self.world_size, local_rank, self._owns_group = init_distributed()
         self.is_main = self.rank == 0
@@ -149,7 +153,7 @@ class Trainer:
         for path in cfg.verification.bins:  # checked on every rank: a rank-0-only failure would hang the others
             if not Path(path).is_file():
                 raise ConfigError(f"verification.bins: {path}: no such file")
-        resume_from = self._find_resume() if resume else None
+        resume_from = self._find_resume(resume_older) if resume or resume_older else None
 
         # data
         seed_everything(cfg.seed)
@@ -324,7 +328,7 @@ class Trainer:
             loader = DataLoader(self.samples, batch_sampler=sampler, num_workers=d.num_workers,
                                 collate_fn=batch_collate, pin_memory=self.device.type == "cuda",
                                 generator=torch.Generator(), persistent_workers=False)
-            for batch in loader:
+            for batch in raise_worker_errors(loader):
                 self.epoch_samples += d.batch_size * self.world_size
                 yield batch
             self.epoch += 1
@@ -388,8 +392,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
-    def _find_resume(self) -> Optional[tuple[Path, dict]]:
-        found = ckpt.latest_checkpoint(self.ckpt_dir)
+    def _find_resume(self, older: bool = False) -> Optional[tuple[Path, dict]]:
+        found = ckpt.latest_checkpoint(self.ckpt_dir, older=older)
         if found is None:
             raise FacebceError(f"--resume: no loadable checkpoint in {self.ckpt_dir}")
         return found

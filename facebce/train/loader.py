@@ -9,7 +9,7 @@ depend on DataLoader workers or on where a run was resumed.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from facebce.data import ImageFolderDataset, RecDataset, SyntheticFaceDataset, SyntheticFaces
 from facebce.data.transforms import INPUT_MEAN, INPUT_STD, decode_image, random_hflip, to_batch, train_transform
+from facebce.errors import FacebceError
 from facebce.train.config import DataConfig
 
 
@@ -150,7 +151,18 @@ class SeededSamples(Dataset):
     def uint8_batches(self) -> bool:
         return self.uint8 and self.fast
 
-    def __getitems__(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, keys: list[tuple[int, int]]):
+        """`_batch(keys)`; in a DataLoader worker a FacebceError (a bad record) comes back as a
+        `WorkerError` batch, which `raise_worker_errors` re-raises in the main process as the same
+        one-line error (torch would wrap it in a worker traceback)."""
+        if get_worker_info() is None:
+            return self._batch(keys)
+        try:
+            return self._batch(keys)
+        except FacebceError as e:
+            return WorkerError(type(e), str(e))
+
+    def _batch(self, keys: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole batch (images N x 3 x H x W, int64 labels), what `batch_collate` passes on. With
         facebce's own training transform the samples are decoded, flipped (the same seeded draw as
         `ds[i]` makes) and normalised straight into one batch buffer: bit-identical to collating
@@ -249,6 +261,30 @@ def normalise_batch(images: torch.Tensor) -> torch.Tensor:
     pixels' channels-last memory order (torch's channels_last), which channels_last models want."""
     x = images.permute(0, 3, 1, 2).to(torch.float32)
     return x.sub_(INPUT_MEAN).div_(INPUT_STD)
+
+
+class WorkerError:
+    """A FacebceError raised in a DataLoader worker, carried to the main process as a batch (plain
+    data: its type and its one-line message)."""
+
+    def __init__(self, kind: type, message: str):
+        self.kind, self.message = kind, message
+
+    def reraise(self):
+        try:
+            err = self.kind(self.message)
+        except Exception:  # a subclass with another signature: keep the message
+            err = FacebceError(self.message)
+        raise err
+
+
+def raise_worker_errors(batches: Iterable):
+    """Iterate a DataLoader over `SeededSamples`, re-raising a worker's bad-record error in this
+    process as the original one-line FacebceError."""
+    for batch in batches:
+        if isinstance(batch, WorkerError):
+            batch.reraise()
+        yield batch
 
 
 def batch_collate(batch):

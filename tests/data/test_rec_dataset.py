@@ -232,5 +232,6 @@ def test_fast_transform_is_bit_identical_to_the_plain_pipeline():
     rgb = decode_image(blob, where="x")
     assert not view.flags.c_contiguous and np.array_equal(view, rgb)
     for img in (view, view[:, ::-1]):
-        plain = (np.ascontiguousarray(img).transpose(2, 0, 1).astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
+        chw = np.ascontiguousarray(img).transpose(2, 0, 1).astype(np.float32)
+        plain = (chw - np.float32(127.5)) / np.float32(127.5)
         assert torch.equal(to_tensor(img), torch.from_numpy(plain))

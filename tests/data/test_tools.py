@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from facebce.data import RecDataset, pack_image_folder
+from facebce.data import RecDataset
 from facebce.data.tools import inspect_data, pack, synthesize
 from facebce.data.verification_bin import load_bin
 from facebce.errors import DataFormatError

@@ -18,6 +18,7 @@ import pytest
 
 from facebce.deploy.align import (ARCFACE_DST, AlignReport, FaceAligner, ScrfdDetector, align_folder,
                                   estimate_similarity, nms, norm_crop, points_from_68, reference_points)
+from facebce.cli import main
 from facebce.errors import ConfigError, DataFormatError, ModelError
 
 DETECTOR = "models/scrfd_2.5g_bnkps.onnx"
@@ -259,7 +260,7 @@ def test_detector_rejects_bad_models_and_inputs(shared_data, tmp_path):
         ScrfdDetector(tmp_path / "junk.onnx")
     with pytest.raises(ModelError, match="mobilefacenet.onnx: not an SCRFD"):
         ScrfdDetector(shared_data / "models/mobilefacenet.onnx")
-    with pytest.raises(ConfigError, match="multiples of 32"):
+    with pytest.raises(ConfigError, match="det-size 300: .* multiple of 32"):
         ScrfdDetector(shared_data / DETECTOR, input_size=(300, 300))
     det = _our_detector(shared_data / DETECTOR)
     with pytest.raises(DataFormatError, match="HxWx3 uint8"):
@@ -347,7 +348,7 @@ def test_align_folder_end_to_end(shared_data, detector, tmp_path):
 
     report = align_folder(src, dst, FaceAligner(detector), progress=False)
 
-    assert report.counts == {"ok": 6, "multi_face_picked": 0, "no_face": 1, "unreadable": 1}
+    assert report.counts == {"ok": 6, "multi_face_picked": 0, "no_face": 1, "unreadable": 1, "unusable": 0}
     status = {r.file: r.status for r in report.records}
     assert status["person0/broken.jpg"] == "unreadable" and status["person1/blank.jpg"] == "no_face"
     written = sorted(p.relative_to(dst).as_posix() for p in dst.rglob("*") if p.suffix in (".jpg", ".png"))
@@ -359,7 +360,7 @@ def test_align_folder_end_to_end(shared_data, detector, tmp_path):
         assert _mad(out, crop) < 25, rel
 
     rows = list(csv.DictReader((dst / "alignment_report.csv").open()))
-    assert len(rows) == 8 and set(rows[0]) == {"file", "status", "faces", "score"}
+    assert len(rows) == 8 and set(rows[0]) == {"file", "status", "faces", "score", "reason"}
     row = {r["file"]: r for r in rows}
     assert row["person1/blank.jpg"]["faces"] == "0" and row["person1/blank.jpg"]["score"] == ""
     assert 0.3 <= float(row["person0/photo0.jpg"]["score"]) <= 1
@@ -393,5 +394,50 @@ def test_report_round_trips_through_json(tmp_path):
     report = AlignReport("src", "dst", "best", 112)
     report.write(tmp_path)
     assert json.loads((tmp_path / "alignment_report.json").read_text())["counts"] == \
-        {"ok": 0, "multi_face_picked": 0, "no_face": 0, "unreadable": 0}
-    assert (tmp_path / "alignment_report.csv").read_text() == "file,status,faces,score\n"
+        {"ok": 0, "multi_face_picked": 0, "no_face": 0, "unreadable": 0, "unusable": 0}
+    assert (tmp_path / "alignment_report.csv").read_text() == "file,status,faces,score,reason\n"
+
+
+# ---------------------------------------------------------------------------- hostile photos and options
+
+def test_odd_photos_get_their_report_line_and_the_rest_go_on(shared_data, detector, tmp_path, capsys):
+    """2x3000, 5000x1 and a 69-byte PNG declaring 40000x40000 pixels once aborted the whole folder."""
+    from tests.data.hostile import png_bomb
+    src, dst = tmp_path / "photos", tmp_path / "aligned"
+    (_, crop), = _gallery_crops(shared_data, 1, step=331)
+    _write_image(src / "a" / "good.jpg", _composite((300, 300), [(crop, 50, 50, 150)]))
+    _write_image(src / "a" / "thin.png", np.full((3000, 2, 3), GREY, np.uint8))
+    _write_image(src / "a" / "wide.png", np.full((1, 5000, 3), GREY, np.uint8))
+    (src / "a" / "bomb.png").write_bytes(png_bomb())
+    code = main(["align", str(src), str(dst), "--detector", str(shared_data / DETECTOR)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    rows = {r["file"]: r for r in csv.DictReader((dst / "alignment_report.csv").open())}
+    assert {f: r["status"] for f, r in rows.items()} == {
+        "a/bomb.png": "unreadable", "a/good.jpg": "ok", "a/thin.png": "unusable", "a/wide.png": "unusable"}
+    assert rows["a/bomb.png"]["reason"] == ("image declares 40000x40000 pixels, over the limit of 100,000,000; "
+                                            "refused before decoding")
+    assert rows["a/thin.png"]["reason"] == "2x3000 is too elongated to detect at 320x320"
+    assert rows["a/wide.png"]["reason"] == "5000x1 is too elongated to detect at 320x320"
+    assert (dst / "a" / "good.jpg").is_file() and not (dst / "a" / "thin.png").exists()
+    assert "unusable 2" in out.out and "unreadable 1" in out.out
+
+
+@pytest.mark.parametrize("value", ["0", "33", "-32"])
+def test_det_size_errors_name_the_option(shared_data, tmp_path, capsys, value):
+    from tests.data.hostile import cli_error
+    (tmp_path / "src").mkdir()
+    line = cli_error(capsys, "align", tmp_path / "src", tmp_path / "dst", "--detector", shared_data / DETECTOR,
+                     "--det-size", value)
+    assert line.startswith(f"facebce: error: det-size {value}: the detector input must be a positive multiple of 32")
+    with pytest.raises(ConfigError, match=f"det-size {value}:"):  # the API says the same, not only the CLI
+        ScrfdDetector(shared_data / DETECTOR, input_size=(int(value), int(value)))
+
+
+def test_align_into_a_regular_file_is_one_line(shared_data, tmp_path, capsys):
+    from tests.data.hostile import cli_error
+    (tmp_path / "src").mkdir()
+    (tmp_path / "out").write_text("keep")
+    line = cli_error(capsys, "align", tmp_path / "src", tmp_path / "out", "--detector", shared_data / DETECTOR)
+    assert line.endswith(f"{tmp_path / 'out'}: exists and is not a folder (the output folder for aligned crops)")
+    assert (tmp_path / "out").read_text() == "keep"

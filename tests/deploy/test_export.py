@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -170,3 +171,78 @@ def test_bad_arguments(tmp_path, kwargs, message):
     with pytest.raises(ModelError, match=message):
         export_onnx(Tiny(), tmp_path / "t.onnx", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 12: file permissions (defect 2), variant placement (defect 5), the two thresholds (defect 4)
+
+
+@pytest.fixture
+def umask_002():
+    """A umask other than the default, so a right answer cannot be 0600 or 0644 by accident."""
+    old = os.umask(0o002)
+    yield 0o002
+    os.umask(old)
+
+
+def test_written_files_get_the_umask_permissions(tmp_path, umask_002):
+    """Was 0600 (mkstemp's mode kept through the rename): a service running as another user could not read it."""
+    out = tmp_path / "tiny.onnx"
+    report = export_onnx(Tiny(), out, variants=("fp16",))
+    written = [Path(p) for p in (report.path, report.report_path, report.variants["fp16"].path)]
+    for path in written:
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask_002, path
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(written)  # no temporary left
+    from facebce.deploy.export import convert_variant
+    dst = convert_variant(out, tmp_path / "other" / "tiny.int8.onnx", "int8")
+    assert os.stat(dst).st_mode & 0o777 == 0o664
+
+
+def test_a_folder_handed_to_insightface_loads_the_fp32_model(exported, shared_data, tmp_path):
+    """insightface's FaceAnalysis loads the first *.onnx of a folder (sorted): mbf.fp16.onnx sorted before
+    mbf.onnx when the variants lay beside it. They now live in variants/, out of the folder's glob."""
+    from insightface.app import FaceAnalysis
+
+    _, report = exported["mbf"]
+    folder = os.path.dirname(report.path)
+    os.symlink(shared_data / "models" / "scrfd_2.5g_bnkps.onnx", os.path.join(folder, "det.onnx"))
+    try:
+        app = FaceAnalysis(name=folder, allowed_modules=["detection", "recognition"],
+                           providers=["CPUExecutionProvider"])
+    finally:
+        os.unlink(os.path.join(folder, "det.onnx"))
+    assert os.path.realpath(app.models["recognition"].model_file) == os.path.realpath(report.path)
+    assert {os.path.dirname(report.variants[v].path) for v in ("fp16", "int8")} == {os.path.join(folder, "variants")}
+
+
+def test_learned_and_pair_thresholds_are_kept_apart(tmp_path):
+    """Was: the head's b/γ was recorded as `threshold`, the pair threshold a gallery then used silently."""
+    from facebce.deploy.export import pair_threshold_metadata, threshold_option
+
+    report = export_onnx(Tiny(), tmp_path / "a.onnx", metadata={"head": "bce_u_norm", "learned_threshold": 0.12})
+    emb = OnnxEmbedder(report.path)
+    assert emb.threshold is None and emb.learned_threshold == 0.12
+    assert emb.metadata["learned_threshold_kind"] == "class_centre"
+    assert not {"threshold", "threshold_source"} & set(emb.metadata)
+    assert "no pair threshold recorded" in report.summary()
+
+    calibrated = {"source": "calibrated", "target_far": 1e-3, "ci": [0.41, 0.46], "calibration": "sha256:ab12"}
+    report = export_onnx(Tiny(), tmp_path / "b.onnx", metadata={"learned_threshold": 0.12, "threshold": 0.43},
+                         threshold_provenance=calibrated)
+    meta = OnnxEmbedder(report.path).metadata
+    assert {k: meta[k] for k in meta if k.startswith(("threshold", "learned"))} == {
+        "threshold": "0.43", "threshold_source": "calibrated", "threshold_target_far": "0.001",
+        "threshold_ci": "[0.41, 0.46]", "threshold_calibration": "sha256:ab12",
+        "learned_threshold": "0.12", "learned_threshold_kind": "class_centre"}
+    assert "threshold 0.4300 (pair threshold, calibrated, target FAR 0.001, CI [0.41, 0.46])" in report.summary()
+
+    assert threshold_option("0.43") == (0.43, None)
+    assert pair_threshold_metadata(0.43) == {"threshold": "0.43", "threshold_source": "user"}
+    for text in ("abc", "1.5", "nan"):
+        with pytest.raises(ModelError, match=rf"--threshold '{text}': expected a cosine in \[-1, 1\]"):
+            threshold_option(text)
+    for bad, message in (({"source": "guess"}, "source='guess'"), ({"source": "calibrated"}, "missing"),
+                         ({**calibrated, "ci": [0.5, 0.4]}, r"ci=\[0\.5, 0\.4\]"),
+                         ({**calibrated, "target_far": 2}, "target_far=2")):
+        with pytest.raises(ModelError, match=message):
+            pair_threshold_metadata(0.43, bad)

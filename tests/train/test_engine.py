@@ -232,3 +232,69 @@ def test_missing_verification_bin_is_a_config_error(tmp_path):
     from facebce.errors import ConfigError
     with pytest.raises(ConfigError, match=r"^verification.bins: .*nope.bin"):
         Trainer(tiny_config(tmp_path, verification={"bins": [str(tmp_path / "nope.bin")]}))
+
+
+# ------------------------------------------------------------------ damaged newest checkpoint on --resume
+
+class _Evil:
+    """Pickles as a call of os.system: what a malicious checkpoint holds."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _damaged_run(reference, tmp_path, how: str) -> Path:
+    import shutil
+    run, _ = reference
+    shutil.copytree(run, tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoints" / "step_00000004.pt"
+    if how == "truncated":
+        newest.write_bytes(newest.read_bytes()[:5000])
+    else:
+        torch.save({"format": "facebce-train-checkpoint", "x": _Evil(tmp_path / "PWNED")}, newest)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("how, why", [("truncated", "checkpoint is truncated or not a torch file"),
+                                      ("malicious", "not a weights-only checkpoint: it contains posix.system")])
+def test_resume_refuses_a_damaged_newest_checkpoint(reference, tmp_path, how, why):
+    run = _damaged_run(reference, tmp_path, how)
+    with pytest.raises(FacebceError) as info:
+        train(tiny_config(run), resume=True)
+    msg = str(info.value)
+    assert "\n" not in msg and f"{run / 'checkpoints' / 'step_00000004.pt'}: {why}" in msg
+    assert msg.endswith("not resuming from an older one silently (1 older in "
+                        f"{run / 'checkpoints'}): remove it or pass --resume-older")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_resume_older_says_what_it_skipped(reference, tmp_path, capsys):
+    run = _damaged_run(reference, tmp_path, "malicious")
+    capsys.readouterr()
+    result = train(tiny_config(run), resume=True, resume_older=True)
+    err = capsys.readouterr().err
+    assert result.steps == 4 and not (tmp_path / "PWNED").exists()
+    assert err.splitlines() == [f"facebce: skipped checkpoint {run / 'checkpoints' / 'step_00000004.pt'}: not a "
+                                "weights-only checkpoint: it contains posix.system (refused; nothing was executed); "
+                                "resuming from step_00000002.pt"]
+    assert load_checkpoint(run / "checkpoints" / "step_00000004.pt")["step"] == 4  # rewritten by the resumed run
+
+
+def test_cli_resume_error_is_one_line_and_verbose_shows_detail(reference, tmp_path, capsys):
+    import yaml
+
+    from facebce.cli import main
+    run = _damaged_run(reference, tmp_path, "truncated")
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny(run)))
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("facebce: error: --resume: newest checkpoint refused: ")
+    assert "Weights only load failed" not in err and "Traceback" not in err
+    assert main(["--verbose", "train", str(recipe), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.splitlines()[-1].startswith("facebce: error: --resume")

@@ -10,7 +10,8 @@ from facebce.train.loader import SeededSamples, ShardedBatchSampler, batches_per
 
 
 def batches(n, b, w, epoch=0, start=0, seed=5):
-    return [list(ShardedBatchSampler(n, b, rank=r, world_size=w, seed=seed, epoch=epoch, start=start)) for r in range(w)]
+    return [list(ShardedBatchSampler(n, b, rank=r, world_size=w, seed=seed, epoch=epoch, start=start))
+            for r in range(w)]
 
 
 def test_ranks_split_each_global_batch_of_the_permutation():
@@ -161,3 +162,46 @@ def test_sample_seeds_equal_numpy_seedsequence(seed):
     want = [int(s[0]) << 32 | int(s[1])
             for s in (np.random.SeedSequence((seed, e, i)).generate_state(2, np.uint32) for e, i in keys)]
     assert sample_seeds(seed, keys) == want
+
+
+def _pack_with_a_bad_record(root):
+    """A header-less pack of 8 112x112 images of 4 classes; record 5 holds bytes that do not decode."""
+    import cv2
+    import numpy as np
+
+    from facebce.data.recordio import RecordIOWriter, pack_image_record
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with RecordIOWriter(root / "train.rec", root / "train.idx") as w:
+        for key in range(8):
+            img = cv2.imencode(".jpg", rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))[1].tobytes()
+            w.write(key, pack_image_record(float(key % 4), b"\xff\xd8 not a jpeg" if key == 5 else img))
+    (root / "property").write_text("4,112,112\n")
+    return root
+
+
+def test_worker_error_reaches_the_cli_as_one_line(tmp_path):
+    """With 2 DataLoader workers a bad record is the same one line as without workers (torch would wrap it in
+    a worker traceback)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    pack = _pack_with_a_bad_record(tmp_path / "pack")
+    repo = Path(__file__).resolve().parents[2]
+    sets = ["data.kind=rec", f"data.path={pack}", "data.cache=false", "data.num_workers=2", "data.batch_size=4",
+            "steps=4", "epochs=null", "model.embedding_size=16", "verification.every_steps=0", "log.progress=false",
+            "checkpoint.every_steps=0"]
+    argv = [sys.executable, "-m", "facebce.cli", "train", "recipes/demo_synthetic.yaml", "--out", str(tmp_path / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    out = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert out.stderr.splitlines() == [f"facebce: error: {pack / 'train.rec'}: record 5 (offset "
+                                       f"{_offset(pack, 5)}): image bytes do not decode (13 bytes)"], out.stderr
+
+
+def _offset(pack, key):
+    for line in (pack / "train.idx").read_text().splitlines():
+        k, off = line.split("\t")
+        if int(k) == key:
+            return int(off)
