@@ -4,14 +4,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from facebce import __version__
 from facebce.errors import FacebceError
-
-# Subcommands that later milestones own; they answer clearly instead of pretending.
-PLANNED: dict[str, str] = {}
-
 
 def _cmd_data_synth(args) -> None:
     from facebce.data.tools import synthesize
@@ -37,14 +34,6 @@ def _cmd_models(args) -> None:
         print(f"{row['name']:6} {row['class']:14} {row['parameters']:>12,}")
 
 
-def _floats(text: str | None):
-    """'127.5' -> 127.5; '123.675,116.28,103.53' -> a per-channel tuple."""
-    if text is None:
-        return None
-    values = tuple(float(v) for v in text.split(","))
-    return values[0] if len(values) == 1 else values
-
-
 def _cmd_eval(args) -> None:
     from facebce.eval.protocols import describe_protocols
     from facebce.eval.report import to_markdown
@@ -61,11 +50,8 @@ def _cmd_eval(args) -> None:
     if not sets:
         raise FacebceError("no evaluation sets given: add PROTOCOL=PATH arguments (see --list)")
     model = None if args.model == "-" else _model_spec(args)
-    bias = args.bias
-    if bias is None and model is not None and model.learned_threshold is not None:
-        bias = model.learned_threshold  # a training run's b/γ: usable as --threshold bias
     from facebce.deploy.align import norm_crop  # IJB crops are aligned on the fly
-    report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=bias,
+    report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=args.bias,
                       cache_dir=args.cache, out_dir=args.out, tar_mode=args.tar_mode,
                       model_name=args.model_name, protocol_paths=args.protocols, align=norm_crop)
     print(to_markdown(report))
@@ -99,8 +85,10 @@ def _cmd_train(args) -> None:
 
 def _model_spec(args):
     from facebce.eval.model_loading import ModelSpec
+    from facebce.models.embedder import parse_channel_values
     return ModelSpec(args.model, arch=args.arch, embedding_size=args.embedding_size, color=args.color,
-                     mean=_floats(args.mean), std=_floats(args.std), batch_size=args.batch_size)
+                     mean=parse_channel_values(args.mean, "--mean"), std=parse_channel_values(args.std, "--std"),
+                     batch_size=args.batch_size)
 
 
 def _cmd_export(args) -> None:
@@ -161,12 +149,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--std", help="input std: one value or three")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--no-flip", action="store_true", help="do not add the horizontally flipped embedding")
-
-
-def _planned(name):
-    def run(args) -> None:
-        raise FacebceError(f"'facebce {name}' is not yet available in facebce {__version__}")
-    return run
 
 
 class _Parser(argparse.ArgumentParser):
@@ -299,29 +281,32 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--min-score", type=float)
     a.set_defaults(func=_cmd_align)
 
-    for name, help_text in PLANNED.items():
-        q = sub.add_parser(name, help=f"{help_text} (not yet available)")
-        q.add_argument("rest", nargs=argparse.REMAINDER)
-        q.set_defaults(func=_planned(name))
     return p
+
+
+def _note(message, category, filename, lineno, file=None, line=None) -> None:
+    """The API's warnings (a skipped 1:N, sizes that differ from the published ones) as one line each."""
+    print(f"facebce: note: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except FacebceError as e:
-        if getattr(args, "verbose", False):
-            import traceback
-            traceback.print_exc(file=sys.stderr)
-        print(f"facebce: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("facebce: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `facebce eval --list | head`: the reader left; say nothing more
-        sys.stdout = open(os.devnull, "w")
-        return 141
+    with warnings.catch_warnings():
+        warnings.showwarning = _note
+        try:
+            args.func(args)
+        except FacebceError as e:
+            if getattr(args, "verbose", False):
+                import traceback
+                traceback.print_exc(file=sys.stderr)
+            print(f"facebce: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("facebce: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:  # `facebce eval --list | head`: the reader left; say nothing more
+            sys.stdout = open(os.devnull, "w")
+            return 141
     return 0
 
 

@@ -265,13 +265,13 @@ def torch_load_weights_only(path: str | os.PathLike, *, what: str = "checkpoint"
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         refused = _pickle_globals(path)
         if refused:
             raise DataFormatError(f"{path}: not a weights-only {what}: it contains {refused[0]} "
                                   "(refused; nothing was executed)") from None
-        first = next((ln.strip() for ln in str(e).splitlines() if "error" in ln.lower()), "refused by torch")
-        raise DataFormatError(f"{path}: not a weights-only {what}: {first[:200]}") from None
+        raise DataFormatError(f"{path}: not a weights-only {what}: damaged, or not a torch file "
+                              "(torch's weights-only loader refused it)") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         reason = first.split(". ")[0][:160]

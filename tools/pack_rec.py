@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from facebce.data.recordio import pack_image_folder  # noqa: E402
+from facebce.data.pack import pack_image_folder  # noqa: E402
 from facebce.errors import FacebceError  # noqa: E402
 
 

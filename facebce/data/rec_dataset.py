@@ -1,6 +1,6 @@
 """MS1M-style RecordIO training sets (train.rec / train.idx / property), as insightface packs them.
 
-Record layout and header detection follow formats.md §3; samples match ImageFolderDataset's.
+Record layout and header detection follow docs/formats.md §3; samples match ImageFolderDataset's.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class RecDataset(Dataset):
     # ------------------------------------------------------------ indexing
 
     def _index(self) -> tuple[np.ndarray, np.ndarray]:
-        """(record keys, float labels) of the image records, per the layout formats.md §3 describes."""
+        """(record keys, float labels) of the image records, per the layout docs/formats.md §3 describes."""
         header = self._header_range()
         if header is None:  # RecBuilder-style: every record is an image
             keys = np.asarray(self._reader.keys, dtype=np.int64)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from facebce.data.rec_dataset import RecDataset
-from facebce.data.recordio import pack_image_folder
+from facebce.data.pack import pack_image_folder
 from facebce.data.synthetic import SyntheticFaces, make_pairs, write_image_folder
 from facebce.data.verification_bin import load_bin, save_bin
 from facebce.errors import DataFormatError

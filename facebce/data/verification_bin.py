@@ -2,7 +2,7 @@
 
 A pickle can call any importable function, and .bin files are passed around between
 people, so `load_bin` never uses `pickle.load`: it unpickles with an allow-list
-(formats.md §5) under which a malicious file is refused before anything of it runs.
+(docs/formats.md §5) under which a malicious file is refused before anything of it runs.
 Pair k is images 2k and 2k+1; `issame[k]` says whether they show the same person.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _ints(shape, where: str, what: str) -> tuple[int, ...]:
 
 
 class _AllowListUnpickler(pickle._Unpickler):
-    """Resolves only the globals formats.md §5 lists; anything else is refused before it is imported or called.
+    """Resolves only the globals docs/formats.md §5 lists; anything else is refused before it is imported or called.
 
     Bounded by the file: the unpickler reads from the file's bytes in memory (a declared length
     beyond them reads what is there and fails, never allocates the declared size), and every NumPy
@@ -275,7 +275,7 @@ def _resize_short_side(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_bin(path: str | os.PathLike, *, allow_yaw: bool = False) -> VerificationSet:
-    """Read a verification .bin safely (see the module docstring) and validate it (formats.md §5).
+    """Read a verification .bin safely (see the module docstring) and validate it (docs/formats.md §5).
 
     Images are checked lazily: `VerificationSet.decode` names any image that does not decode.
     `allow_yaw=True` accepts the 3-tuple `(images, yaw, issame)` some scripts write; yaw is dropped.

@@ -2,7 +2,7 @@
 
 The exported graph takes `data` [batch, 3, S, S] float32 already normalised outside the graph
 ((x - 127.5) / 127.5, RGB: facebce's training convention and insightface's default), and returns
-`embedding` [batch, D], not L2-normalised (formats.md §7). The preprocessing, embedding size,
+`embedding` [batch, D], not L2-normalised (docs/formats.md §7). The preprocessing, embedding size,
 backbone, head and learned bias travel in `metadata_props`, with two thresholds kept apart:
 
 - `learned_threshold` (+ `learned_threshold_kind` = "class_centre"): the head's learned b/γ, a

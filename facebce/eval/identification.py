@@ -1,4 +1,4 @@
-"""Open-set 1:N identification from a probe x gallery similarity matrix (metrics.md §6).
+"""Open-set 1:N identification from a probe x gallery similarity matrix (docs/metrics.md §6).
 
 A probe is mated when its subject has a gallery entry; its mate score is the best of those entries
 and its rank is 1 + the number of other-subject entries scoring at least as high (a tie counts

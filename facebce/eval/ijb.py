@@ -1,4 +1,4 @@
-"""IJB-B / IJB-C: template verification (1:1) and open-set identification (1:N), metrics.md §5-6.
+"""IJB-B / IJB-C: template verification (1:1) and open-set identification (1:N), docs/metrics.md §5-6.
 
 The pipeline is eval_ijbc.py's, split so each step can be cached and checked on its own:
 `load_ijb` reads and cross-checks the meta files; `embed_ijb` aligns every loose crop with its five
@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -35,6 +34,7 @@ from facebce.eval.identification import operating_point
 from facebce.eval.protocols import Protocol, get_protocol
 from facebce.eval.roc import DEFAULT_TAR_MODE, FAR_TARGETS, Roc, TarAtFar
 from facebce.eval.verification import ThresholdResult, accuracy_at_threshold
+from facebce.fileio import read_bgr
 
 FLIP_MODES = ("sum", "concat", "none")
 PARITY_TAR_MODE = "insightface"  # eval_ijbc.py's reading, always reported beside the chosen mode
@@ -99,7 +99,7 @@ def resolve_root(path: str | os.PathLike, protocol: Protocol) -> Path:
 
 
 def load_ijb(path: str | os.PathLike, protocol: str | Protocol = "ijbc", *, check_sizes: bool = True) -> IjbMeta:
-    """Read an IJB folder's meta files (formats.md §6) and check that they fit together.
+    """Read an IJB folder's meta files (docs/formats.md §6) and check that they fit together.
 
     Rows of the template/media file and the five-point file are joined by order, as eval_ijbc.py
     does; a differing image name on any row is an error rather than a silently wrong join.
@@ -117,7 +117,13 @@ def load_ijb(path: str | os.PathLike, protocol: str | Protocol = "ijbc", *, chec
     known = np.unique(templates)
     _check_known(pairs.ravel(), known, meta / files["pairs"])
     galleries, probes = {}, None
-    if files["galleries"]:
+    one_to_n = [*files["galleries"], files["probes"]] if files["galleries"] else []
+    missing = [f for f in one_to_n if f and not (meta / f).is_file()]
+    if missing:  # eval_ijbc.py needs only the three 1:1 files: run 1:1, skip 1:N with a note
+        warnings.warn(f"{meta}: {protocol.name} 1:N identification skipped (no {', '.join(missing)}); "
+                      "1:1 verification runs", stacklevel=2)
+        one_to_n = []
+    if one_to_n:
         for g in files["galleries"]:
             name = Path(g).stem.rsplit("_", 1)[-1]  # ijbc_1N_gallery_G1.csv -> G1
             galleries[name] = _read_1n_csv(_need(meta / g))
@@ -227,7 +233,7 @@ def _check_table(path: Path, columns: int) -> None:
 
 def _read_1n_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """1:N gallery/probe CSV: a header row, TEMPLATE_ID and SUBJECT_ID in the first two columns, one row
-    per image; deduplicated by template keeping its first subject id (formats.md §6)."""
+    per image; deduplicated by template keeping its first subject id (docs/formats.md §6)."""
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.reader(f))[1:]
     rows = [r for r in rows if r and any(c.strip() for c in r)]
@@ -286,9 +292,7 @@ def embed_ijb(meta: IjbMeta, embedder, align: Callable[[np.ndarray, np.ndarray],
 
 def _aligned(meta: IjbMeta, i: int, align) -> np.ndarray:
     path = meta.image_dir / str(meta.image_names[i])
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataFormatError(f"{path}: image missing or not decodable (row {i + 1} of the meta files)")
+    img = read_bgr(path)  # one-line DataFormatError naming the file when it is missing or not an image
     crop = np.asarray(align(img, meta.landmarks[i]))
     if crop.ndim != 3 or crop.shape[2] != 3 or crop.dtype != np.uint8:
         raise ConfigError(f"align returned {crop.dtype} {crop.shape} for {path}, expected a uint8 HxWx3 BGR crop")
@@ -299,7 +303,7 @@ def _aligned(meta: IjbMeta, i: int, align) -> np.ndarray:
 
 def image_features(raw: np.ndarray, face_scores: np.ndarray | None = None, *, flip: str = "sum",
                    image_l2norm: bool = False, face_score_weight: bool = True) -> np.ndarray:
-    """Per-image features for pooling (metrics.md §5.2), float32 as in eval_ijbc.py.
+    """Per-image features for pooling (docs/metrics.md §5.2), float32 as in eval_ijbc.py.
 
     flip: "sum" = view 0 + view 1 ("F2", the default), "concat" = both side by side ("F1"),
     "none" = view 0 only. `image_l2norm` normalises each image (ijb_evals' use_norm_score=True);
@@ -333,7 +337,7 @@ def image_features(raw: np.ndarray, face_scores: np.ndarray | None = None, *, fl
 
 def template_features(img_feats: np.ndarray, templates: np.ndarray, medias: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted template ids, L2-normalised float64 template features), metrics.md §5.3.
+    """(sorted template ids, L2-normalised float64 template features), docs/metrics.md §5.3.
 
     Images of one media are averaged, a template is the sum of its media, then L2-normalised;
     same float32 summation order as eval_ijbc.py's loops, so the features are bit-identical.
@@ -440,7 +444,7 @@ def _template_index(template_ids: np.ndarray, query: np.ndarray) -> np.ndarray:
 
 def identify(template_ids: np.ndarray, template_feats: np.ndarray, galleries, probes, *,
              fpir_targets=FPIR_TARGETS, threshold: float | None = None) -> IjbIdentification:
-    """Open-set 1:N per gallery (metrics.md §6, ijb_evals' conventions) and their G1/G2 combination."""
+    """Open-set 1:N per gallery (docs/metrics.md §6, ijb_evals' conventions) and their G1/G2 combination."""
     probe_tids, probe_sids = probes
     probe_feats = template_feats[_template_index(template_ids, probe_tids)]
     results, at_t = {}, {}

@@ -15,28 +15,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from facebce.errors import ModelError
+from facebce.errors import FacebceError, ModelError
+from facebce.fileio import torch_load_weights_only
 from facebce.models import build_backbone, list_backbones, load_insightface_weights
+from facebce.models.card import MODEL_CARD, ModelCard, read_model_card
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_CARD", "Classifier", "ModelCard", "ModelSpec", "class_scores",
+           "file_digest", "learned_bias", "load_classifier", "read_model_card"]
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)  # torchvision Normalize on 0..255 pixels, RGB order
 IMAGENET_STD = (58.395, 57.12, 57.375)
 _TORCH_SUFFIXES = (".pth", ".pt")
-MODEL_CARD = "model.json"  # written by facebce.train at the end of a run
-
-
-def read_model_card(run_dir: str | os.PathLike) -> dict:
-    """The run folder's model.json: arch, embedding_size, options, head, bias, threshold, weights."""
-    path = Path(run_dir) / MODEL_CARD
-    if not path.is_file():
-        raise ModelError(f"{run_dir}: not a finished facebce training run (no {MODEL_CARD}; "
-                         f"a run writes it with backbone.pth when it ends)")
-    try:
-        card = json.loads(path.read_text())
-    except ValueError as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(card, dict) or card.get("format") != "facebce-model" or "arch" not in card:
-        raise ModelError(f"{path}: not a facebce model card")
-    return card
 
 
 @dataclass(frozen=True)
@@ -75,19 +64,29 @@ class ModelSpec:
     def weights_file(self) -> Path:
         """The file holding the weights: the model file, or a run folder's backbone.pth."""
         if self.path.is_dir():
-            return self.path / read_model_card(self.path).get("weights", "backbone.pth")
+            return self.path / read_model_card(self.path).weights
         return self.path
 
     @property
     def learned_threshold(self) -> float | None:
         """A training run's learned unified threshold (b or b/γ of its head), else None."""
-        return read_model_card(self.path).get("threshold") if self.path.is_dir() else None
+        return read_model_card(self.path).threshold if self.path.is_dir() else None
+
+    @property
+    def card(self) -> ModelCard | None:
+        """The run folder's model card (validated), or None for a model file."""
+        return read_model_card(self.path) if self.path.is_dir() else None
 
     def backbone(self):
         """The PyTorch backbone with its weights (a .pth with `arch`, or a run folder), in eval mode."""
         if self.path.is_dir():
             card = read_model_card(self.path)
-            model = build_backbone(card["arch"], embedding_size=card["embedding_size"], **card.get("options", {}))
+            where = self.path / MODEL_CARD
+            try:
+                _check_fits_weights(card, self.path / card.weights)
+                model = build_backbone(card.arch, embedding_size=card.embedding_size, **card.options)
+            except ModelError as e:  # unknown arch, an option value its builder refuses, too big for the file
+                raise ModelError(f"{where}: arch/options: {e}") from None
         else:
             model = build_backbone(self.arch, embedding_size=self.embedding_size)
         return load_insightface_weights(model, self.weights_file).eval()
@@ -135,28 +134,70 @@ class Classifier:
 
 def load_classifier(run_dir: str | os.PathLike) -> Classifier:
     """Read a run folder's centres.pth (and class_thresholds.pth) as named by its model card."""
-    import torch
 
     path = Path(run_dir)
     if not path.is_dir():
         raise ModelError(f"{path}: closed-set classification needs a facebce training run folder "
                          "(its model.json and centres.pth), not a model file")
     card = read_model_card(path)
-    kind, centres = card.get("scores"), card.get("centres")
-    if kind not in ("cosine", "linear") or not centres:
-        raise ModelError(f"{path}: the run has no class centres to classify with (head {card.get('head')!r}: "
+    kind, centres = card.scores, card.centres
+    if kind is None or not centres:
+        raise ModelError(f"{path}: the run has no class centres to classify with (head {card.head!r}: "
                          f"scores {kind!r}; runs trained before centres.pth was written need retraining)")
     file = path / centres
     if not file.is_file():
         raise ModelError(f"{path}: the run's class centres {centres} are missing")
-    weight = torch.load(file, map_location="cpu", weights_only=True).float()
-    n = card.get("num_classes")
-    if weight.ndim != 2 or weight.shape[1] != card["embedding_size"] or (n is not None and weight.shape[0] != n):
-        raise ModelError(f"{file}: centres of shape {tuple(weight.shape)}, expected {n} x {card['embedding_size']}")
+    weight = _tensor_file(file, "class centres")
+    n, d = card.num_classes, card.embedding_size
+    if weight.ndim != 2 or weight.shape[1] != d or (n is not None and weight.shape[0] != n):
+        raise ModelError(f"{file}: centres of shape {tuple(weight.shape)}, expected {n} x {d}")
+    weight = weight.float()
     thresholds = None
-    if card.get("class_thresholds"):
-        thresholds = torch.load(path / card["class_thresholds"], map_location="cpu", weights_only=True).double()
-    return Classifier(kind, weight, card.get("threshold"), thresholds)
+    if card.class_thresholds:
+        file = path / card.class_thresholds
+        thresholds = _tensor_file(file, "per-class thresholds")
+        if thresholds.shape != (weight.shape[0],):
+            raise ModelError(f"{file}: per-class thresholds of shape {tuple(thresholds.shape)}, "
+                             f"expected ({weight.shape[0]},)")
+        thresholds = thresholds.double()
+    return Classifier(kind, weight, card.threshold, thresholds)
+
+
+def _check_fits_weights(card: ModelCard, weights: Path) -> None:
+    """Build the card's backbone on the meta device (no memory) and refuse it when its parameters
+    could not fit in the weights file: a card may not make facebce allocate more than the file holds."""
+    import torch
+
+    with torch.device("meta"):
+        model = build_backbone(card.arch, embedding_size=card.embedding_size, **card.options)
+    need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    size = weights.stat().st_size if weights.is_file() else 0
+    if need > size:
+        raise ModelError(f"embedding_size {card.embedding_size} and options {card.options} make a "
+                         f"{card.arch} of {need:,} bytes, but {weights.name} holds only {size:,}")
+
+
+def _tensor_file(file: Path, what: str):
+    """A weights-only .pth holding one floating tensor; one ModelError line naming the file otherwise."""
+    import torch
+
+    try:
+        value = torch_load_weights_only(file, what=what)
+    except FacebceError as e:
+        raise ModelError(str(e)) from None
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise ModelError(f"{file}: expected one float tensor of {what}, got {type(value).__name__}")
+    if not bool(torch.isfinite(value).all()):
+        raise ModelError(f"{file}: {what} contain NaN or Inf")
+    return value
+
+
+def learned_bias(model, bias: float | None) -> float | None:
+    """The learned threshold `evaluate` uses for `threshold="bias"` and the uniform gap: `bias` when
+    given, else a training run's own (its model card's b/γ) when `model` is a ModelSpec of a run folder."""
+    if bias is None and isinstance(model, ModelSpec):
+        return model.learned_threshold
+    return bias
 
 
 def class_scores(kind: str, centres, embeddings):
@@ -182,7 +223,7 @@ def class_scores(kind: str, centres, embeddings):
 def _check_kind(path: Path, arch: str | None) -> None:
     """One-line ModelErrors for what cannot be loaded, before any library touches the file."""
     if path.is_dir():
-        weights = path / read_model_card(path).get("weights", "backbone.pth")
+        weights = path / read_model_card(path).weights
         if not weights.is_file():
             raise ModelError(f"{path}: the run's weights {weights.name} are missing")
         return
@@ -193,7 +234,8 @@ def _check_kind(path: Path, arch: str | None) -> None:
         raise ModelError(f"{path}: an insightface .pth needs its architecture (--arch one of "
                          f"{', '.join(list_backbones())})")
     if suffix not in (".onnx", *_TORCH_SUFFIXES):
-        raise ModelError(f"{path}: unknown model file type {suffix or '(none)'}; expected .onnx, .pth or a training run folder")
+        raise ModelError(f"{path}: unknown model file type {suffix or '(none)'}; "
+                         "expected .onnx, .pth or a training run folder")
 
 
 def file_digest(path: str | os.PathLike) -> str:

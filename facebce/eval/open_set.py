@@ -3,7 +3,7 @@
 A seeded `unknown_fraction` of the identities is never enrolled, so all their images are non-mated
 probes; every other identity enrols its first `enrol_per_identity` images (sorted file order) and
 probes with the rest. Probes are scored against the gallery by cosine, and every number comes
-from facebce.eval.identification (metrics.md §6): CMC, DIR@FPIR (rank-1 detection-and-identification
+from facebce.eval.identification (docs/metrics.md §6): CMC, DIR@FPIR (rank-1 detection-and-identification
 rate at a false-positive identification rate, the `tpir` of OpenSetResult) with its threshold, and
 DIR/FPIR at the run's one global threshold: the threshold calibrated on 1:1 pairs, judged in 1:N.
 """

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
-import yaml
-
-from facebce.errors import ConfigError
+from facebce.errors import ConfigError, DataFormatError
+from facebce.fileio import load_yaml_file
 from facebce.resources import shipped_dir
 
 PATH_ENV = "FACEBCE_PROTOCOLS"  # extra protocol dirs/files, os.pathsep-separated
@@ -154,12 +153,9 @@ def load_protocol_file(path: str | os.PathLike) -> Protocol:
     """Read and validate one protocol YAML; any problem is a ConfigError naming the file and key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read protocol file ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        detail = " ".join(str(e).split())
-        raise ConfigError(f"{path}: not valid YAML ({detail})") from None
+        raw = load_yaml_file(path, what="protocol file")  # one line: missing, not UTF-8, YAML syntax
+    except DataFormatError as e:
+        raise ConfigError(str(e)) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a protocol file must be a mapping of keys, got {type(raw).__name__}")
     kind = raw.get("kind")

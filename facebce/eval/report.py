@@ -3,26 +3,29 @@
 The Markdown puts each set's own best threshold beside the accuracy at the one global threshold,
 because the gap between the two is what a deployment with one threshold pays; open-set sets put
 the thresholds of their DIR@FPIR targets beside DIR and FPIR at that same global threshold. Plots use
-matplotlib's Agg canvas directly (no pyplot, no global backend switch). `write_report` writes into
-a temporary folder and moves each finished file into place with os.replace, so a reader never sees
-a half-written report.
+matplotlib's Agg canvas directly (no pyplot, no global backend switch). `write_report` renders every
+file in memory, then writes each atomically (facebce.fileio), so a reader never sees a half-written
+file and a failing plot changes nothing.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import io
 import math
 import os
-import shutil
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from facebce.errors import FacebceError
+from facebce.eval.results import EvalReport
 from facebce.eval.roc import Roc
-from facebce.eval.runner import EvalReport
 from facebce.eval.tenfold import ACCURACY_THRESHOLDS, VAL_FAR_TARGET
+from facebce.fileio import atomic_write_bytes
 
 _ARRAYS_LEFT_OUT = ("scores", "issame", "labels", "probes", "curve")  # per-pair/probe data: scores.npz, not JSON
 
@@ -98,14 +101,20 @@ def _pairs_table(report: EvalReport) -> list[str]:
         "## Verification sets", "",
         "10-fold refits its threshold per fold (insightface protocol); *best* is each set's own single "
         "threshold; *global* is the one threshold above, applied to every set.", "",
-        "| set | pairs | 10-fold acc % | VAL@FAR=1e-3 % | best acc % | best t | global acc % | TAR@t % | FAR@t % |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "*VAL@FAR (insightface rule)* is the number insightface's verification.py prints (its `interp1d` "
+        "reading of the FAR curve); it differs from facebce's VAL@FAR only on sets too small to resolve "
+        "FAR 1e-3 (see facebce.eval.tenfold).", "",
+        "| set | pairs | 10-fold acc % | VAL@FAR=1e-3 % | VAL@FAR (insightface rule) % | best acc % | best t "
+        "| global acc % | TAR@t % | FAR@t % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report.sets:
         tf = s.ten_fold
         tenfold = f"{_pct(tf.accuracy)} ± {_pct(tf.std)}" if tf else "—"
         val = f"{_pct(tf.val)} ± {_pct(tf.val_std)} (FAR {_pct(tf.far, 3)} %)" if tf else "—"
-        lines.append(f"| {s.name} | {s.n_pairs} | {tenfold} | {val} | {_pct(s.best.accuracy)} "
+        parity = tf.parity if tf else None
+        val_if = f"{_pct(parity.val)} ± {_pct(parity.val_std)} (FAR {_pct(parity.far, 3)} %)" if parity else "—"
+        lines.append(f"| {s.name} | {s.n_pairs} | {tenfold} | {val} | {val_if} | {_pct(s.best.accuracy)} "
                      f"| {_num(s.best.threshold)} | {_pct(s.at_global.accuracy)} | {_pct(s.at_global.tar)} "
                      f"| {_pct(s.at_global.far, 3)} |")
     with_tar = [s for s in report.sets if s.tar_at_far is not None]
@@ -183,12 +192,13 @@ def _uniform_table(report: EvalReport) -> list[str]:
 
 # ----------------------------------------------------------------------------- plots
 
-def _save(fig: Figure, path: Path) -> None:
+def _save(fig: Figure, path) -> None:
+    """Draw `fig` as PNG into `path` (a file name or a binary file object)."""
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=110, format="png")
 
 
-def plot_roc(report: EvalReport, path: Path) -> None:
+def plot_roc(report: EvalReport, path: Path | IO[bytes]) -> None:
     """ROC of every set (pairs and IJB 1:1) on a log FAR axis."""
     fig = Figure(figsize=(6.4, 4.8), layout="constrained")
     ax = fig.add_subplot()
@@ -200,13 +210,14 @@ def plot_roc(report: EvalReport, path: Path) -> None:
         keep = fpr > 0
         ax.step(fpr[keep], tpr[keep], where="post", label=name)
     ax.set_xscale("log")
-    ax.set(xlabel="FAR (false accept rate)", ylabel="TAR (true accept rate)", title="ROC — " + report.model.split(",")[0][:60])
+    ax.set(xlabel="FAR (false accept rate)", ylabel="TAR (true accept rate)",
+           title="ROC — " + report.model.split(",")[0][:60])
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     _save(fig, path)
 
 
-def plot_histogram(report: EvalReport, s, path: Path) -> None:
+def plot_histogram(report: EvalReport, s, path: Path | IO[bytes]) -> None:
     """Genuine vs impostor cosines of one set with the thresholds that matter marked."""
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.add_subplot()
@@ -227,7 +238,7 @@ def plot_histogram(report: EvalReport, s, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_accuracy_bars(report: EvalReport, path: Path) -> None:
+def plot_accuracy_bars(report: EvalReport, path: Path | IO[bytes]) -> None:
     """Per set: accuracy at the global threshold next to the set's own best single threshold."""
     fig = Figure(figsize=(max(4.5, 1.3 * len(report.sets) + 2), 4.2), layout="constrained")
     ax = fig.add_subplot()
@@ -245,7 +256,7 @@ def plot_accuracy_bars(report: EvalReport, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_dir_fpir(report: EvalReport, o, path: Path) -> None:
+def plot_dir_fpir(report: EvalReport, o, path: Path | IO[bytes]) -> None:
     """DIR vs FPIR of one open-set set on a log FPIR axis, the targets and the global threshold marked."""
     fig = Figure(figsize=(6.4, 4.6), layout="constrained")
     ax = fig.add_subplot()
@@ -267,7 +278,7 @@ def plot_dir_fpir(report: EvalReport, o, path: Path) -> None:
     _save(fig, path)
 
 
-def plot_open_set_histogram(report: EvalReport, o, path: Path) -> None:
+def plot_open_set_histogram(report: EvalReport, o, path: Path | IO[bytes]) -> None:
     """Mate scores of mated probes vs best gallery scores of non-mated probes, with the global
     threshold and the FPIR-target thresholds marked."""
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
@@ -290,39 +301,53 @@ def plot_open_set_histogram(report: EvalReport, o, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- writing
 
+def check_out_dir(out_dir: str | os.PathLike) -> Path:
+    """`out_dir` as a report folder: one FacebceError line when it names an existing non-folder
+    (or a path under a file), before anything is computed or written."""
+    out = Path(out_dir)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            what = "the report folder" if p == out else f"a folder on the way to {out}"
+            raise FacebceError(f"{p}: exists and is not a folder; --out / out_dir must name {what}")
+        if p.is_dir():
+            break
+    return out
+
+
 def write_report(report: EvalReport, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Write report.json, report.md, scores.npz and the PNG plots into `out_dir`; returns name -> path.
 
-    Files are made in a temporary folder inside `out_dir`, then each is moved into place.
+    Every file is rendered in memory first (a failing plot leaves `out_dir` as it was), then each is
+    written atomically with facebce.fileio (temporary file, fsync, rename, folder fsync).
     """
-    out = Path(out_dir)
+    files: dict[str, bytes] = {"report.json": to_json(report).encode("utf-8"),
+                               "report.md": to_markdown(report).encode("utf-8")}
+
+    def render(name: str, draw, *args) -> None:
+        buf = io.BytesIO()
+        draw(*args, buf)
+        files[name] = buf.getvalue()
+
+    if report.sets or report.open_set:
+        render("scores.npz", lambda f: np.savez(f, **_score_arrays(report)))
+    if report.sets:
+        render("accuracy_bars.png", plot_accuracy_bars, report)
+        for s in report.sets:
+            render(f"hist_{s.name}.png", plot_histogram, report, s)
+    if report.sets or report.ijb:
+        render("roc.png", plot_roc, report)
+    for o in report.open_set:
+        if o.n_non_mated:
+            render(f"dir_fpir_{o.name}.png", plot_dir_fpir, report, o)
+        if o.n_mated and o.n_non_mated:
+            render(f"hist_{o.name}.png", plot_open_set_histogram, report, o)
+    out = check_out_dir(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".report-{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        (tmp / "report.json").write_text(to_json(report), encoding="utf-8")
-        (tmp / "report.md").write_text(to_markdown(report), encoding="utf-8")
-        if report.sets or report.open_set:
-            np.savez(tmp / "scores.npz", **_score_arrays(report))
-        if report.sets:
-            plot_accuracy_bars(report, tmp / "accuracy_bars.png")
-            for s in report.sets:
-                plot_histogram(report, s, tmp / f"hist_{s.name}.png")
-        if report.sets or report.ijb:
-            plot_roc(report, tmp / "roc.png")
-        for o in report.open_set:
-            if o.n_non_mated:
-                plot_dir_fpir(report, o, tmp / f"dir_fpir_{o.name}.png")
-            if o.n_mated and o.n_non_mated:
-                plot_open_set_histogram(report, o, tmp / f"hist_{o.name}.png")
-        written = {}
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-            written[f.name] = out / f.name
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    written = {}
+    for name in sorted(files):
+        atomic_write_bytes(out / name, files[name])
+        written[name] = out / name
+    return written
 
 
 def _score_arrays(report: EvalReport) -> dict[str, np.ndarray]:

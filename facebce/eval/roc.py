@@ -1,4 +1,4 @@
-"""ROC and TAR@FAR of genuine vs impostor pair scores (metrics.md §4), accept iff score >= threshold.
+"""ROC and TAR@FAR of genuine vs impostor pair scores (docs/metrics.md §4), accept iff score >= threshold.
 
 One sort of the scores gives the confusion counts at every distinct score (what scikit-learn's
 roc_curve computes, in numpy only); every reading of TAR at a target FAR is then a search in those
@@ -6,7 +6,7 @@ counts, so IJB-C's 15.7M pair scores cost about one sort. Every report names its
 
 - "insightface": eval_ijbc.py. roc_curve (drop_intermediate), arrays reversed, the point whose FPR is
   nearest the target; ties -> first in reversed order (highest TAR). May read a point with FPR > target.
-- "ijb_evals": metrics.md §4(b): nearest FPR in roc_curve's own order; ties -> lowest TAR. (The copies
+- "ijb_evals": docs/metrics.md §4(b): nearest FPR in roc_curve's own order; ties -> lowest TAR. (The copies
   of ijb_evals.py we read also reverse the arrays, which makes them equal to "insightface".)
 - "conservative" (default): the highest TAR over all thresholds with FAR <= target, ties exact.
 - "interpolated": linear in FPR over the upper envelope (the highest TAR of each distinct FPR).

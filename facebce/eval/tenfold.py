@@ -1,11 +1,27 @@
-"""LFW-style 10-fold verification, the numbers insightface's eval/verification.py prints (metrics.md §2).
+"""LFW-style 10-fold verification, the numbers insightface's eval/verification.py prints (docs/metrics.md §2).
 
 Same folds (contiguous, the first P mod 10 one pair longer), same grids, strict `dist < thr`, first
 argmax, population std: identical floats. What differs is speed: each pair is binned once against the
 grid and cumulative counts give every threshold's confusion counts for every fold, instead of one
-boolean pass per threshold. One deviation, as metrics.md §2.7 rules: VAL@FAR interpolates with
-`np.interp` after keeping the first (smallest) threshold of each distinct train FAR, where the
-original's `interp1d(kind='slinear')` raises on the duplicate FARs on SciPy >= 1.9.
+boolean pass per threshold.
+
+VAL@FAR: two rules, both reported. The train FAR of a fold is a step function of the threshold, so
+"the threshold where train FAR = 1e-3" must be read off flat runs of equal FARs. insightface's
+verification.py calls `interp1d(far_train, thresholds, kind='slinear')` on them: SciPy >= 1.9 refuses
+the duplicate FARs (ValueError), and older SciPy (a linear B-spline over the duplicated points, after
+a stable sort) interpolates between the *last* threshold whose train FAR is <= the target and the
+first threshold above it — that is the number verification.py prints and papers quote, and it is
+reported here as `parity` ("VAL@FAR (insightface rule)"), equal to that code's output.
+
+facebce's own number (`val`, docs/metrics.md §2.7) keeps the *first* (smallest) threshold of each distinct
+train FAR and interpolates with `np.interp`: the FAR curve read at the threshold where each FAR level
+is first reached. The two agree up to the width of one flat run. They split on small sets, where one
+false accept on the train folds is already above the target (600 pairs: 1 of 270 impostors =
+3.7e-3 > 1e-3): there the train data cannot resolve FAR 1e-3 at all; insightface's rule then takes
+the widest threshold that still had zero train false accepts, so its VAL is what that plateau's edge
+happens to accept (on test folds with ~30 impostors it measures nothing at 1e-3), while facebce's rule
+stays near threshold 0 and reports VAL ~ 0, the conservative reading of a target the data cannot
+support. That is why facebce keeps its rule as the headline; `parity` is there so a table compares.
 
 `exact=True` picks each fold's threshold from every distinct train distance (midpoints, the smallest
 threshold on ties) instead of the 0.01 grid; it can differ from insightface by construction. It only
@@ -26,6 +42,17 @@ VAL_FAR_TARGET = 1e-3
 
 
 @dataclass(frozen=True)
+class ValParity:
+    """VAL@FAR by insightface verification.py's rule (see the module docstring): mean and population
+    std over folds of the test TAR, and the mean test FAR, at each fold's train threshold."""
+
+    rule: str  # "insightface"
+    val: float
+    val_std: float
+    far: float
+
+
+@dataclass(frozen=True)
 class TenFoldResult:
     accuracy: float  # mean of the fold test accuracies
     std: float  # population std (ddof 0) of the fold test accuracies
@@ -37,9 +64,17 @@ class TenFoldResult:
     val_std: float
     far: float  # mean test FAR at those thresholds
     exact: bool
+    parity: ValParity | None = None  # VAL@FAR by insightface's rule (the number verification.py prints)
 
     def __str__(self) -> str:
         return f"{self.accuracy:1.5f}+-{self.std:1.5f}"  # insightface's "Accuracy-Flip" format
+
+
+def check_fold_count(n_pairs: int, n_folds: int, where: str) -> None:
+    """One DataFormatError line naming the set when it has too few pairs for `n_folds` folds."""
+    if n_pairs < n_folds:
+        raise DataFormatError(f"{where}: {n_pairs} pairs, but {n_folds}-fold verification needs at least "
+                              f"{n_folds} pairs (one per fold; a few hundred for a meaningful accuracy)")
 
 
 def fold_bounds(n_pairs: int, n_folds: int = 10) -> np.ndarray:
@@ -99,12 +134,13 @@ def ten_fold_from_distances(distances, issame, *, n_folds: int = 10, exact: bool
         accuracy = (tp[rows, best] + tn[rows, best]) / size
         thresholds = ACCURACY_THRESHOLDS[best]
 
-    val, far = _val_far(dist, same, fold, bounds, n_same, n_diff, far_target)
+    (val, far), (val_if, far_if) = _val_far(dist, same, fold, bounds, n_same, n_diff, far_target)
     return TenFoldResult(
         accuracy=float(np.mean(accuracy)), std=float(np.std(accuracy)),
         fold_accuracies=accuracy, fold_thresholds=thresholds,
         tpr=np.mean(tprs, 0), fpr=np.mean(fprs, 0),
         val=float(np.mean(val)), val_std=float(np.std(val)), far=float(np.mean(far)), exact=exact,
+        parity=ValParity("insightface", float(np.mean(val_if)), float(np.std(val_if)), float(np.mean(far_if))),
     )
 
 
@@ -141,22 +177,38 @@ def _exact_threshold(dist: np.ndarray, same: np.ndarray) -> float:
     return -cut_threshold(values, k)
 
 
-def _val_far(dist, same, fold, bounds, n_same, n_diff, far_target) -> tuple[np.ndarray, np.ndarray]:
-    """Per-fold VAL and FAR (metrics.md §2.7); NaN for a fold with no same or no different test pair."""
+def _val_far(dist, same, fold, bounds, n_same, n_diff, far_target):
+    """Per-fold (VAL, FAR) by facebce's rule (docs/metrics.md §2.7) and by insightface's (`parity`); NaN for a
+    fold with no same or no different test pair."""
     _, fp = _accepted_per_fold(dist, same, fold, bounds.size - 1, VAL_THRESHOLDS)
     with np.errstate(invalid="ignore", divide="ignore"):
         far_train = _train(fp) / _train(n_diff)[:, None]
-    val = np.empty(bounds.size - 1)
-    far = np.empty(bounds.size - 1)
-    for f in range(bounds.size - 1):
+    n = bounds.size - 1
+    val, far, val_if, far_if = (np.empty(n) for _ in range(4))
+    for f in range(n):
+        ours = theirs = 0.0
         if np.max(far_train[f]) >= far_target:
             fars, first = np.unique(far_train[f], return_index=True)  # first = smallest threshold per FAR
-            threshold = np.interp(far_target, fars, VAL_THRESHOLDS[first])
-        else:
-            threshold = 0.0
+            ours = np.interp(far_target, fars, VAL_THRESHOLDS[first])
+            theirs = _insightface_threshold(far_train[f], far_target)
         test = slice(bounds[f], bounds[f + 1])
-        accept = dist[test] < threshold
-        with np.errstate(invalid="ignore", divide="ignore"):
-            val[f] = np.sum(accept & same[test]) / n_same[f]
-            far[f] = np.sum(accept & ~same[test]) / n_diff[f]
-    return val, far
+        for threshold, v, r in ((ours, val, far), (theirs, val_if, far_if)):
+            accept = dist[test] < threshold
+            with np.errstate(invalid="ignore", divide="ignore"):
+                v[f] = np.sum(accept & same[test]) / n_same[f]
+                r[f] = np.sum(accept & ~same[test]) / n_diff[f]
+    return (val, far), (val_if, far_if)
+
+
+def _insightface_threshold(far_train: np.ndarray, far_target: float) -> float:
+    """What verification.py's `interp1d(far_train, thresholds, kind='slinear')(far_target)` returned on
+    SciPy < 1.9 (a linear B-spline with knots [x0, x0..xn, xn] and coefficients y, after a stable sort of
+    the already non-decreasing FARs): linear between the last threshold whose FAR <= the target and
+    the next one; the last threshold when the target is the curve's last FAR."""
+    i = int(np.searchsorted(far_train, far_target, side="right")) - 1  # far_train[0] = 0 <= target: i >= 0
+    if i >= far_train.size - 1:
+        return float(VAL_THRESHOLDS[-1])
+    x0, x1 = far_train[i], far_train[i + 1]
+    y0, y1 = VAL_THRESHOLDS[i], VAL_THRESHOLDS[i + 1]
+    w = 1.0 / (x1 - x0)  # the B-spline's two basis weights, computed as SciPy's de Boor loop does
+    return float(y0 * (w * (x1 - far_target)) + y1 * (w * (far_target - x0)))

@@ -1,9 +1,10 @@
-"""Uniform classification metrics of the BCE paper (metrics.md §1) on a bias-free score matrix.
+"""Uniform classification metrics of the BCE paper (docs/metrics.md §1) on a bias-free score matrix.
 
 A score matrix S (n samples x N classes, numpy or torch) and labels y give per sample the positive
 score p_i = S[i, y_i] and the hardest negative q_i = max_{j != y_i} S[i, j]. Sample-wise accuracy
 lets each sample use its own threshold; uniform accuracy asks for one threshold t for all of them
-(q_i < t < p_i); class-wise accuracy allows one threshold per class.
+(q_i < t < p_i); class-wise accuracy allows one threshold per class. `uniform_section` gathers
+them into the report's uniform-classification section (used by evaluation and the training callback).
 """
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ class UniformResult:
     threshold: float  # t*: midpoint of `segment` (NaN when no sample is sample-wise correct)
     segment: tuple[float, float]  # the lowest open interval of thresholds reaching `accuracy`
     n_correct: int
+
+
+@dataclass(frozen=True)
+class UniformSection:
+    """Uniform classification (BCE paper, docs/metrics.md §1) of a classifier's bias-free score matrix."""
+
+    sample_wise: float
+    uniform: UniformResult  # Acc_Uni, t*, its segment
+    bias: float | None  # the learned threshold (b or b/γ), when given
+    gap: float | None  # bias - t*
+    class_wise_opt: float | None = None  # Acc_CW_opt: per-class thresholds optimised from t*
+    class_wise_learned: float | None = None  # Acc_CW at the head's learned per-class thresholds, if any
+    name: str | None = None  # the classification set it was computed on (None: a given score matrix)
+    path: str | None = None
+    n_samples: int | None = None
+    num_classes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,18 @@ def class_wise_accuracy_opt(scores, labels, max_passes: int = 10, start=None) ->
         if not gained:
             break
     return ClassWiseResult(float(np.mean(violations == 0)), tau, passes)
+
+
+def uniform_section(scores, labels, *, bias: float | None = None, class_thresholds=None,
+                    **where) -> UniformSection:
+    """SW accuracy, Acc_Uni with t*, Acc_CW_opt (and Acc_CW at learned per-class thresholds when
+    given), and the gap between a learned bias and t* (docs/metrics.md §1). `where`: name, path, ... ."""
+    result = uniform_accuracy(scores, labels)
+    gap = bias_gap(bias, result.threshold) if bias is not None else None
+    learned = class_wise_accuracy(scores, labels, class_thresholds).accuracy if class_thresholds is not None else None
+    return UniformSection(sample_wise_accuracy(scores, labels), result, bias, gap,
+                          class_wise_opt=class_wise_accuracy_opt(scores, labels).accuracy,
+                          class_wise_learned=learned, **where)
 
 
 def bias_gap(bias, t_star: float, gamma: float | None = None):

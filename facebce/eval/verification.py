@@ -1,4 +1,4 @@
-"""Pair-verification metrics at one global threshold (metrics.md §3).
+"""Pair-verification metrics at one global threshold (docs/metrics.md §3).
 
 Accept a pair as "same" iff its cosine score is strictly greater than the threshold. The best
 threshold is found exactly by a sort-based sweep over midpoints of consecutive distinct scores

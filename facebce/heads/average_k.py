@@ -1,4 +1,4 @@
-"""Average-K two-head loss (heads.md §6; Garcin et al., arXiv 2303.18118).
+"""Average-K two-head loss (docs/heads.md §6; Garcin et al., arXiv 2303.18118).
 
 Head 1: softmax logits `u = W1 z − b1`, trained with CE.  Head 2: N sigmoid logits `v = W2 z − b2`,
 trained with BCE against per-batch pseudo-labels from thresholding the detached softmax of head 1
@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from facebce.heads.base import (WEIGHT_INITS, Head, HeadOutput, as_loss_dtype, check_choice, check_number,
-                                init_weight, match_dtype, softplus)
+from facebce.heads.base import WEIGHT_INITS, Head, HeadOutput, as_loss_dtype, init_weight, match_dtype, softplus
+from facebce.heads.checks import check_choice, check_number
+from facebce.heads.registry import register_head
 from facebce.heads.softmax import softmax_cross_entropy
 
 
@@ -56,6 +57,7 @@ def average_k_threshold(multilabel_logits: Tensor, k: float) -> float:
     return float(torch.topk(multilabel_logits.reshape(-1), count, sorted=False).values.min())
 
 
+@register_head("average_k")
 class AverageKHead(Head):
     """`average_k`: loss `CE(u, y) + μ·mean_{B·N} BCEWithLogits(v, pseudo)`.  `scores` are head 1's
     bias-free `W1 z`; `logits` = u; extras["multilabel_logits"] = v.  `fit_threshold` on held-out

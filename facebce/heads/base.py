@@ -1,6 +1,6 @@
 """What every head shares: the output record, config validation, and the class-centre base.
 
-Conventions (heads.md §0): scores are bias-free (`w_j·z`, or `cos θ_j` for normalised heads); biases
+Conventions (docs/heads.md §0): scores are bias-free (`w_j·z`, or `cos θ_j` for normalised heads); biases
 are thresholds and are *subtracted* (`logit = scale·score − b`); losses are computed in fp32 (or the
 module's dtype when it is float64) and reduced as a per-sample sum over classes, mean over the batch.
 """
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from facebce.errors import ConfigError
+from facebce.heads.checks import check_choice, check_int, check_number
 from facebce.heads.margins import Margin, NoMargin
 
 
@@ -25,7 +25,7 @@ class HeadOutput:
     """One training step's result.
 
     `loss`: scalar (fp32 under normal use). `logits`: inference logits `scale·score − b` (no margin,
-    no filtering), detached. `scores`: bias-free scores (heads.md §0), detached — what metrics.md takes.
+    no filtering), detached. `scores`: bias-free scores (docs/heads.md §0), detached — what docs/metrics.md takes.
     `bias`: the head's bias (threshold convention) detached, or None. `extras`: head-specific values
     (e.g. DisMax's OOD score, Average-K's multi-label logits, Partial-FC's sampled class ids).
     """
@@ -35,40 +35,6 @@ class HeadOutput:
     scores: Optional[Tensor]
     bias: Optional[Tensor] = None
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- config checks
-def check_number(key: str, value: Any, *, positive: bool = False, non_negative: bool = False,
-                 low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"{key}: must be > 0, got {value!r}")
-    if non_negative and value < 0:
-        raise ConfigError(f"{key}: must be >= 0, got {value!r}")
-    if low is not None and value < low:
-        raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ConfigError(f"{key}: must be <= {high}, got {value!r}")
-    return float(value)
-
-
-def check_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def check_choice(key: str, value: Any, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(options)}")
-    return value
-
-
-def check_int(key: str, value: Any, *, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key}: expected an integer >= {low}, got {value!r}")
-    return value
 
 
 WEIGHT_INITS = ("linear", "normal", "kaiming")

@@ -1,4 +1,4 @@
-"""BCE-U / BCE-D heads (heads.md §2), linear and normalised, and the BCE loss they (and UCE) share.
+"""BCE-U / BCE-D heads (docs/heads.md §2), linear and normalised, and the BCE loss they (and UCE) share.
 
 Loss per sample: `softplus(b_y − γc'_y) + λ Σ_{j≠y} softplus(γc_j − b_j)` (γ = 1 and c = s for the
 linear heads; c' = margin-modified target cosine), summed over classes, averaged over the batch.
@@ -13,8 +13,10 @@ import torch
 from torch import Tensor
 
 from facebce.errors import ConfigError
-from facebce.heads.base import ClassCentreHead, check_number, softplus
+from facebce.heads.base import ClassCentreHead, softplus
+from facebce.heads.checks import check_number
 from facebce.heads.margins import MARGIN_KEYS, margin_from_config
+from facebce.heads.registry import register_head
 
 GAMMA_RANGE = (32.0, 192.0)
 
@@ -125,24 +127,28 @@ def _check_gamma(scale: Any) -> None:
                       "paper reports good uniform accuracy", stacklevel=3)
 
 
+@register_head("bce_u")
 class BCEUHead(_LinearBCE):
     """`bce_u`: linear scores, one learnable shared bias b (init ln(N − 1)); `threshold` = b."""
 
     bias_mode = "unified"
 
 
+@register_head("bce_d")
 class BCEDHead(_LinearBCE):
     """`bce_d`: linear scores, per-class biases b_j (init ln(N − 1)); `class_thresholds` = b_j."""
 
     bias_mode = "per_class"
 
 
+@register_head("bce_u_norm")
 class BCEUNormHead(_NormBCE):
     """`bce_u_norm` (bce-nu): `γ c_j − b`, γ = `scale` (default 64); `threshold` = b/γ."""
 
     bias_mode = "unified"
 
 
+@register_head("bce_d_norm")
 class BCEDNormHead(_NormBCE):
     """`bce_d_norm` (bce-nd): `γ c_j − b_j`; with margin='cosface' this is UniFace's Normalized_BCE_Loss."""
 

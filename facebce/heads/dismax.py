@@ -1,4 +1,4 @@
-"""DisMax (heads.md §5; Macêdo et al., dlmacedo/distinction-maximization-loss `losses/dismax.py`).
+"""DisMax (docs/heads.md §5; Macêdo et al., dlmacedo/distinction-maximization-loss `losses/dismax.py`).
 
 Isometric distances `D_j = |d_s|·‖ẑ − p̂_j‖/√2` to every prototype; logits
 `L_j = −(D_j + mean_k D_k)/T`; training loss `−log softmax(E·L)_y` (E = 10), optionally with
@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from facebce.heads.base import Head, HeadOutput, as_loss_dtype, match_dtype, check_bool, check_choice, check_number
+from facebce.heads.base import Head, HeadOutput, as_loss_dtype, match_dtype
+from facebce.heads.checks import check_bool, check_choice, check_number
+from facebce.heads.registry import register_head
 from facebce.heads.softmax import softmax_cross_entropy
 
 OOD_SCORES = ("MPS", "ES", "MDS", "MMLS", "MMLES", "MMLEPS")
@@ -78,6 +80,7 @@ def fpr_kl(logits: Tensor, labels: Tensor) -> Tensor:
     return (0.25 * (torch.log(0.25 * counts) - logq_src)).sum(dim=1).mean()
 
 
+@register_head("dismax")
 class DisMaxHead(Head):
     """`dismax`: prototypes N(0, 1); learnable distance scale d_s (init 1, used as |d_s|); temperature
     T (buffer, 1 while training); entropic scale E = 10.  `scores(z)` are the logits L (DisMax has no

@@ -1,4 +1,4 @@
-"""Margins for normalised heads (heads.md §3): they change only the target cosine `c_y`.
+"""Margins for normalised heads (docs/heads.md §3): they change only the target cosine `c_y`.
 
 `Margin.target(c)` maps the target cosines; `Margin.filter(cos, rows, cols)` applies arcface_torch's
 interclass filtering (non-target cosines above τ become 0, with zero gradient) when τ > 0.
@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from facebce.errors import ConfigError
+from facebce.heads.checks import check_bool, check_number
 
 MARGINS = ("none", "cosface", "arcface", "combined")
 
@@ -135,20 +136,6 @@ MARGIN_KEYS = ("margin", "m", "m1", "m2", "m3", "easy_margin", "straight_through
                "interclass_filtering_threshold", "margin_list")
 
 
-def _num(key: str, value: Any, low: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-    if low is not None and value < low:
-        raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
-    return float(value)
-
-
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
 def build_margin(margin: Optional[str] = None, *, m: Optional[float] = None, m1: Optional[float] = None,
                  m2: Optional[float] = None, m3: Optional[float] = None, easy_margin: Optional[bool] = None,
                  straight_through: Optional[bool] = None, interclass_filtering_threshold: Optional[float] = None,
@@ -160,18 +147,18 @@ def build_margin(margin: Optional[str] = None, *, m: Optional[float] = None, m1:
     straight-through gradients (unless `straight_through` is given); `m3 > 0` -> CosFace(m3), m1 and
     m2 ignored as arcface_torch does; anything else raises.
     """
-    tau = 0.0 if interclass_filtering_threshold is None else _num(
+    tau = 0.0 if interclass_filtering_threshold is None else check_number(
         "interclass_filtering_threshold", interclass_filtering_threshold, low=0.0)
     if margin_list is not None:
         if margin is not None or any(v is not None for v in (m, m1, m2, m3)):
             raise ConfigError("margin_list: give either margin_list (arcface_torch) or margin/m/m1/m2/m3, not both")
         if not isinstance(margin_list, (list, tuple)) or len(margin_list) != 3:
             raise ConfigError(f"margin_list: expected three numbers (m1, m2, m3), got {margin_list!r}")
-        a, b, c = (_num("margin_list", v) for v in margin_list)
+        a, b, c = (check_number("margin_list", v) for v in margin_list)
         if a == 1.0 and c == 0.0:
             if easy_margin:
                 raise ConfigError("easy_margin: arcface_torch's margin_list ArcFace has no easy margin")
-            st = True if straight_through is None else _flag("straight_through", straight_through)
+            st = True if straight_through is None else check_bool("straight_through", straight_through)
             return ArcFace(b, straight_through=st, interclass_filtering_threshold=tau)
         if c > 0:
             if easy_margin is not None or straight_through is not None:
@@ -194,21 +181,22 @@ def build_margin(margin: Optional[str] = None, *, m: Optional[float] = None, m1:
         return NoMargin(tau)
     if kind == "cosface":
         unused(dict(m1=m1, m2=m2, m3=m3, easy_margin=easy_margin, straight_through=straight_through))
-        return CosFace(0.4 if m is None else _num("m", m), interclass_filtering_threshold=tau)
+        return CosFace(0.4 if m is None else check_number("m", m), interclass_filtering_threshold=tau)
     if kind == "arcface":
         unused(dict(m1=m1, m2=m2, m3=m3))
-        em = False if easy_margin is None else _flag("easy_margin", easy_margin)
-        st = False if straight_through is None else _flag("straight_through", straight_through)
+        em = False if easy_margin is None else check_bool("easy_margin", easy_margin)
+        st = False if straight_through is None else check_bool("straight_through", straight_through)
         if em and st:
             raise ConfigError("easy_margin: cannot be combined with straight_through "
                               "(arcface_torch's straight-through ArcFace has no fallback to choose)")
-        value = 0.5 if m is None else _num("m", m)
+        value = 0.5 if m is None else check_number("m", m)
         if not 0.0 <= value < math.pi:
             raise ConfigError(f"m: ArcFace margin must be in [0, pi), got {value!r}")
         return ArcFace(value, easy_margin=em, straight_through=st, interclass_filtering_threshold=tau)
     unused(dict(m=m, easy_margin=easy_margin, straight_through=straight_through))
-    return CombinedMargin(1.0 if m1 is None else _num("m1", m1), 0.3 if m2 is None else _num("m2", m2),
-                          0.2 if m3 is None else _num("m3", m3), interclass_filtering_threshold=tau)
+    return CombinedMargin(1.0 if m1 is None else check_number("m1", m1),
+                          0.3 if m2 is None else check_number("m2", m2),
+                          0.2 if m3 is None else check_number("m3", m3), interclass_filtering_threshold=tau)
 
 
 def margin_from_config(cfg: dict[str, Any], default: str) -> Margin:

@@ -1,4 +1,4 @@
-"""Partial FC: class centres sharded over ranks, a sampled fraction of negatives per step (heads.md §7;
+"""Partial FC: class centres sharded over ranks, a sampled fraction of negatives per step (docs/heads.md §7;
 arcface_torch `partial_fc_v2.py`, An et al. CVPR 2022), for every class-centre head.
 
 Per step: all-gather the embeddings (autograd-aware) and labels -> global batch of B·W rows; labels
@@ -18,7 +18,7 @@ so that DDP's 1/W averaging of backbone gradients gives the gradient of the glob
 BCE/UCE under sampling (ρ < 1): by default (`neg_rescale=False`, UniFace parity) the negative sum runs
 over the kept columns only, so the loss and the stationary bias correspond to ≈ρN negatives per
 sample — UniFace's init ln(10·ρ·N) (the `uce` head gets r = ρ) accounts for this; the learned b then
-sits roughly ½·ln(1/ρ) below the full-head value (heads.md §2's b* with rN classes).  With
+sits roughly ½·ln(1/ρ) below the full-head value (docs/heads.md §2's b* with rN classes).  With
 `neg_rescale=True` each randomly drawn negative column is weighted (n_r − |P|)/(k − |P|) (inverse
 inclusion probability; the always-kept positive columns weigh 1), making loss and gradients unbiased
 estimates of the full head's, so b keeps its full-head meaning.
@@ -40,10 +40,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from facebce.errors import ConfigError
-from facebce.heads import check_config, head_class
 from facebce.heads._dist import all_gather_nograd, all_gather_rows, all_reduce_, resolve_group, sum_grad_across_ranks
-from facebce.heads.base import ClassCentreHead, HeadOutput, check_bool, check_number
+from facebce.heads.base import ClassCentreHead, HeadOutput
 from facebce.heads.bce import BCEHead
+from facebce.heads.checks import check_bool, check_number
+from facebce.heads.registry import check_config, head_class
 
 
 def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:

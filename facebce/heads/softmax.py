@@ -1,4 +1,4 @@
-"""SoftMax heads (heads.md §1) and the softmax cross-entropy that also runs across Partial-FC shards."""
+"""SoftMax heads (docs/heads.md §1) and the softmax cross-entropy that also runs across Partial-FC shards."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,12 +10,14 @@ from torch.autograd.function import once_differentiable
 
 from facebce.errors import ConfigError
 from facebce.heads._dist import all_reduce_, all_reduce_max_
-from facebce.heads.base import ClassCentreHead, check_choice
+from facebce.heads.base import ClassCentreHead
+from facebce.heads.checks import check_choice
 from facebce.heads.margins import MARGIN_KEYS, margin_from_config
+from facebce.heads.registry import register_head
 
 
 class _ShardedSoftmaxCE(Function):
-    """Softmax CE over columns split across ranks (heads.md §7), exact on one process too.
+    """Softmax CE over columns split across ranks (docs/heads.md §7), exact on one process too.
 
     Reductions: MAX of the row maxima, SUM of the exp-sums and SUM of the target logit (owned by one
     rank; label −1 elsewhere).  Loss `Σ_rows (log Σ exp(l − M) + M − l_y) / denom` — the target
@@ -69,6 +71,7 @@ class _SoftmaxLoss:
         return _ShardedSoftmaxCE.apply(logits, rows, cols, denom, group)
 
 
+@register_head("softmax")
 class SoftmaxHead(_SoftmaxLoss, ClassCentreHead):
     """`softmax`: linear `l_j = w_j·z − b_j` (nn.Linear with β = −b; nn.Linear's default init)."""
 
@@ -82,6 +85,7 @@ class SoftmaxHead(_SoftmaxLoss, ClassCentreHead):
                          bias_init=bias_init, _total_classes=_total_classes)
 
 
+@register_head("softmax_norm")
 class NormSoftmaxHead(_SoftmaxLoss, ClassCentreHead):
     """`softmax_norm`: `l_j = s·c_j − b_j` with `bias` none (soft-n), unified (-nu: b cancels in the
     softmax, gets zero gradient and stays at `bias_init`; kept for API symmetry) or per_class (-nd).

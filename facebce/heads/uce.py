@@ -1,4 +1,4 @@
-"""UniFace's unified cross-entropy (heads.md §4; CVI-SZU/UniFace `head.py`).
+"""UniFace's unified cross-entropy (docs/heads.md §4; CVI-SZU/UniFace `head.py`).
 
 `L = softplus(b − s(c_y − m)) + λ Σ_{j≠y} softplus(s c_j − b)`: bce_u_norm with a CosFace margin and
 UniFace's defaults (s = 64, m = 0.4, λ = 1, b0 = ln(10·r·N), Kaiming-normal centres).  The formula
@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Union
 
-from facebce.heads.base import check_number
 from facebce.heads.bce import BCEUNormHead
+from facebce.heads.checks import check_number
+from facebce.heads.registry import register_head
 
 
+@register_head("uce")
 class UCEHead(BCEUNormHead):
     """`uce`; `threshold` = b/s.  `clamp=True` reproduces UniFace's clamp of both softplus arguments
     to [−s, s]; `neg_weight` is UniFace's `l` (λ); the per-class-bias variant is bce_d_norm with

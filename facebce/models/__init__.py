@@ -2,7 +2,8 @@
 
 Every backbone maps a 112x112 RGB face in [-1, 1] to an un-normalised embedding, has the module tree
 of its insightface counterpart (so `.pth` files from arcface_torch load as they are), and exposes
-`embedding_size` and `input_size`. Imports nothing else of facebce but facebce.errors.
+`embedding_size` and `input_size`. Imports nothing else of facebce but facebce.errors and facebce.fileio;
+`facebce.models.card` is the training run's model card (model.json).
 """
 from __future__ import annotations
 
@@ -14,13 +15,17 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from facebce.errors import ModelError
+from facebce.errors import FacebceError, ModelError
+from facebce.fileio import torch_load_weights_only
 from facebce.models.iresnet import IResNet, iresnet18, iresnet34, iresnet50, iresnet100, iresnet200
 from facebce.models.mobilefacenet import MobileFaceNet, mobilefacenet
 
-__all__ = ["IResNet", "MobileFaceNet", "build_backbone", "describe_backbones", "list_backbones", "load_insightface_weights",
-           "register_backbone"]
+__all__ = ["IResNet", "MobileFaceNet", "build_backbone", "describe_backbones", "list_backbones",
+           "load_insightface_weights", "register_backbone"]
 
+# What a builder raises on an option value it cannot use; build_backbone turns them into one ModelError line.
+BUILD_ERRORS = (TypeError, ValueError, RuntimeError, OverflowError, KeyError, IndexError, ZeroDivisionError,
+                AttributeError, MemoryError)
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {}
 _ALIASES: dict[str, str] = {}
 
@@ -59,7 +64,12 @@ def build_backbone(name: str, embedding_size: int = 512, dropout: float = 0.0, *
         inspect.signature(builder).bind(embedding_size=embedding_size, dropout=dropout, **kwargs)
     except TypeError as e:
         raise ModelError(f"backbone {key!r}: bad option(s) {sorted(kwargs)}: {e}") from None
-    return builder(embedding_size=int(embedding_size), dropout=float(dropout), **kwargs)
+    try:
+        return builder(embedding_size=int(embedding_size), dropout=float(dropout), **kwargs)
+    except BUILD_ERRORS as e:  # an option of the right name but an unusable value (a string, a negative size)
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:160]
+        raise ModelError(f"backbone {key!r}: options {kwargs} refused by its builder "
+                         f"({type(e).__name__}: {first})") from None
 
 
 register_backbone("r18", "iresnet18")(iresnet18)
@@ -75,25 +85,27 @@ def _first(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + more
 
 
-def load_insightface_weights(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping) -> nn.Module:
+def load_insightface_weights(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping, *,
+                             where: str | None = None) -> nn.Module:
     """Load an arcface_torch backbone checkpoint (a plain state_dict `.pth`) into `model`, strictly.
 
     Reads with `weights_only=True` (no arbitrary unpickling), strips the `module.` prefix that
     DistributedDataParallel adds, and raises ModelError naming the missing / unexpected keys and
     shape mismatches, which is what tells a wrong architecture or embedding size apart.
-    Returns `model`.
+    `where` names the state_dict's file in errors when a mapping is passed (e.g. read from a
+    training checkpoint). A file that is not weights-only (a pickle referencing code) or not a
+    torch file at all is one ModelError line naming it. Returns `model`.
     """
     if isinstance(path_or_state_dict, Mapping):
-        where, state = "state_dict", path_or_state_dict
+        where, state = where or "state_dict", path_or_state_dict
     else:
         where = os.fspath(path_or_state_dict)
-        if not os.path.isfile(where):
-            raise ModelError(f"{where}: no such checkpoint file")
         try:
-            state = torch.load(where, map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises pickle, zip and runtime errors alike for a bad file
-            raise ModelError(f"{where}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            state = torch_load_weights_only(where, what="checkpoint")
+        except FacebceError as e:
+            raise ModelError(str(e)) from None
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state.items()):
         keys = _first([repr(k) for k in state]) if isinstance(state, Mapping) else type(state).__name__
         raise ModelError(f"{where}: expected a state_dict (parameter name -> tensor), got {keys}")
     if state and all(k.startswith("module.") for k in state):

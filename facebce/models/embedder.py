@@ -7,7 +7,7 @@ model expects (channel order, mean/std on 0..255 pixels, NCHW float32).
 
 An ONNX file's preprocessing comes from, in order: the `preprocess=` argument, facebce's metadata
 keys (written by `facebce.deploy.export_onnx`), else insightface model_zoo's node-name rule
-(formats.md §7), so that any arcface_torch / insightface model runs as insightface runs it.
+(docs/formats.md §7), so that any arcface_torch / insightface model runs as insightface runs it.
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from facebce.errors import DataFormatError, ModelError
+from facebce.errors import ConfigError, DataFormatError, ModelError
 
 __all__ = ["META_COLOR", "META_LEARNED_THRESHOLD", "META_MEAN", "META_STD", "META_THRESHOLD", "OnnxEmbedder",
-           "Preprocess", "TorchEmbedder", "default_providers", "insightface_preprocess", "ort_session_options"]
+           "Preprocess", "TorchEmbedder", "default_providers", "insightface_preprocess", "ort_session_options",
+           "parse_channel_values"]
 
 # facebce's ONNX metadata_props keys read here (export.py writes them and a few more).
 META_MEAN = "input_mean"
@@ -38,6 +39,7 @@ META_COLOR = "color_order"
 META_THRESHOLD = "threshold"  # a PAIR threshold (embedding vs embedding), given or calibrated by a user
 META_LEARNED_THRESHOLD = "learned_threshold"  # a head's b/γ: embedding vs CLASS CENTRE, never a pair threshold
 
+_INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _PROGRESS_MIN_IMAGES = 1000  # below this a progress bar is noise
 _SNIFF_NODES = 8  # insightface's ArcFaceONNX looks at the first 8 graph nodes only
 
@@ -53,6 +55,24 @@ def _channel_values(value, name: str) -> float | tuple[float, float, float]:
         raise ModelError(f"preprocess {name}={value!r}: expected a number or 3 numbers (one per channel)")
     if not all(math.isfinite(v) for v in values) or (name == "std" and min(values) <= 0):
         raise ModelError(f"preprocess {name}={value!r}: expected finite values{' > 0' if name == 'std' else ''}")
+    return values[0] if len(values) == 1 else values
+
+
+def parse_channel_values(text: str | None, option: str = "--mean") -> float | tuple[float, float, float] | None:
+    """A `--mean` / `--std` option value: '127.5' -> 127.5, '123.675,116.28,103.53' -> a per-channel
+    tuple, None -> None; anything else is one ConfigError line naming the option."""
+    if text is None:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 3) or not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{option} {text!r}: expected one number or three comma-separated numbers "
+                          "(one per channel, in the model's channel order), e.g. 127.5 or 123.675,116.28,103.53")
+    if option.endswith("std") and min(values) <= 0:
+        raise ConfigError(f"{option} {text!r}: values must be > 0")
     return values[0] if len(values) == 1 else values
 
 
@@ -124,7 +144,7 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def _as_batch(images, size: tuple[int, int]) -> np.ndarray:
+def _as_batch(images, size: tuple[int, int], model: str = "the model") -> np.ndarray:
     """Validate `images` (uint8 N x H x W x 3 array, or a list of H x W x 3) into one array."""
     if isinstance(images, np.ndarray):
         batch = images
@@ -145,7 +165,7 @@ def _as_batch(images, size: tuple[int, int]) -> np.ndarray:
     if batch.dtype != np.uint8:
         raise DataFormatError(f"images: dtype {batch.dtype}, expected uint8 pixels (0..255, BGR)")
     if batch.shape[1:3] != size:
-        raise DataFormatError(f"images: {batch.shape[1]}x{batch.shape[2]} crops, but the model expects "
+        raise DataFormatError(f"images: {batch.shape[1]}x{batch.shape[2]} crops, but {model} expects "
                               f"{size[0]}x{size[1]}; align faces at the model's input size")
     return batch
 
@@ -185,7 +205,7 @@ class _Embedder:
         Returns float32 N x D, L2-normalised when `normalize`. With `flip`, each embedding is
         embedding(img) + embedding(mirrored img), summed before the normalisation.
         """
-        batch = _as_batch(images, self.input_size)
+        batch = _as_batch(images, self.input_size, self.name)
         n, step = len(batch), self._step()
         show = self.progress if self.progress is not None else n >= _PROGRESS_MIN_IMAGES
         chunks = []
@@ -218,10 +238,12 @@ class _Embedder:
 
 def ort_session_options(intra_op_threads: int | None = None) -> "ort.SessionOptions":
     """The onnxruntime session settings facebce runs recognition models with (OnnxEmbedder, the
-    benchmarks): every graph optimisation (conv+BN+PReLU fusion, the NCHWc layout on x86) and
+    benchmarks): every graph optimisation (conv+BN+PReLU fusion, the NCHWc layout on x86), no log lines
+    of onnxruntime's own (failures reach the caller as exceptions) and
     `intra_op_threads` CPU threads (None: onnxruntime's default, one per core)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 4  # fatal only: a failing run is one ModelError line, not ORT's own log lines
     if intra_op_threads is not None:
         options.intra_op_num_threads = int(intra_op_threads)
     return options
@@ -231,7 +253,13 @@ class OnnxEmbedder(_Embedder):
     """Runs a recognition ONNX model (facebce export, arcface_torch, or any NCHW 3 x S x S model) with onnxruntime.
 
     A fixed batch dimension (e.g. 1) is honoured by running chunks of that size and zero-padding
-    the last one; a symbolic batch runs `batch_size` images at a time. `intra_op_threads` caps
+    the last one; a symbolic batch runs `batch_size` images at a time. The batch a model supports
+    is read from its input *and* output shapes, then checked by one probe run on 2 blank images:
+    arcface_torch's torch2onnx.py relabels the input batch as dynamic while a Reshape in the graph
+    still bakes batch 1 (MobileFaceNet), which only a run reveals; such a model runs at batch 1
+    (`fixed_batch`). The probe also turns a graph that fails at run time, or an output that is not
+    one [batch, D] float vector per image, into one ModelError line naming the file. The input may
+    be float32, float16 or float64 (blobs are cast); other input types are refused. `intra_op_threads` caps
     onnxruntime's CPU threads (None: its default, one per core, which loses to fewer threads on a
     CPU that other processes keep busy).
     """
@@ -252,9 +280,18 @@ class OnnxEmbedder(_Embedder):
             raise ModelError(f"{path}: {len(inputs)} inputs and {len(outputs)} outputs, expected 1 and 1")
         self._input, self._output = inputs[0].name, outputs[0].name
         batch, side = _nchw_square(path, inputs[0].shape)
-        self.fixed_batch = batch
-        out_dim = outputs[0].shape[-1] if outputs[0].shape else None
+        if inputs[0].type not in _INPUT_TYPES:
+            raise ModelError(f"{path}: input {inputs[0].name!r} is {inputs[0].type}, expected a float tensor "
+                             f"({', '.join(_INPUT_TYPES)}) of normalised pixels")
+        self._input_dtype = _INPUT_TYPES[inputs[0].type]
+        out_shape = outputs[0].shape or []  # [] also when the rank is unknown: the probe run checks it
+        out_batch = out_shape[0] if len(out_shape) == 2 else None
+        if batch is None and isinstance(out_batch, int) and out_batch > 0:
+            batch = out_batch  # a dynamic input label over a graph that still makes a fixed batch
+        out_dim = out_shape[-1] if len(out_shape) == 2 else None
         self.embedding_size = out_dim if isinstance(out_dim, int) else None
+        self.name = path
+        self.fixed_batch = self._probe_batch(batch, side)
         self.metadata = dict(self._session.get_modelmeta().custom_metadata_map)
         preprocess = preprocess or Preprocess.from_metadata(self.metadata, path) \
             or insightface_preprocess(onnx.load(path, load_external_data=False))
@@ -286,11 +323,42 @@ class OnnxEmbedder(_Embedder):
     def _step(self) -> int:
         return self.fixed_batch or self.batch_size
 
+    def _probe_batch(self, batch: int | None, side: int) -> int | None:
+        """The fixed batch to run at (None: any). One run on blank images: batch 2 when the graph
+        declares none (falling back to 1 when 2 fails or gives the wrong rows), else the declared one."""
+        if batch is None:
+            try:
+                self._raw_run(np.zeros((2, 3, side, side), np.float32), 2)
+                return None
+            except ModelError:
+                batch = 1
+        self._raw_run(np.zeros((batch, 3, side, side), np.float32), batch)
+        return batch
+
+    def _raw_run(self, blob: np.ndarray, rows: int) -> np.ndarray:
+        """One session run; any failure or an output other than `rows` x D floats is a ModelError."""
+        try:
+            out = self._session.run([self._output], {self._input: blob.astype(self._input_dtype, copy=False)})[0]
+        except Exception as e:  # onnxruntime raises its own Fail/RuntimeException/... types
+            first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            raise ModelError(f"{self.name}: onnxruntime failed running it on a batch of {len(blob)} "
+                             f"({type(e).__name__}: {first[:200]})") from None
+        out = np.asarray(out)
+        if out.ndim != 2 or out.shape[0] != rows or out.shape[1] < 1 or not np.issubdtype(out.dtype, np.floating):
+            raise ModelError(f"{self.name}: output of shape {out.shape} ({out.dtype}) for a batch of {len(blob)}, "
+                             f"expected {rows} x D floats (one embedding per image)")
+        if self.embedding_size is None:
+            self.embedding_size = int(out.shape[1])
+        elif out.shape[1] != self.embedding_size:
+            raise ModelError(f"{self.name}: output has {out.shape[1]} values per image but the graph "
+                             f"declares {self.embedding_size}")
+        return out
+
     def _run(self, blob: np.ndarray) -> np.ndarray:
         n = len(blob)
         if self.fixed_batch and n < self.fixed_batch:
             blob = np.concatenate([blob, np.zeros((self.fixed_batch - n, *blob.shape[1:]), blob.dtype)])
-        return self._session.run([self._output], {self._input: blob})[0][:n]
+        return self._raw_run(blob, len(blob))[:n].astype(np.float32, copy=False)
 
 
 def _nchw_square(path: str, shape: list) -> tuple[int | None, int]:

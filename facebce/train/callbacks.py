@@ -1,4 +1,4 @@
-"""Training hooks: progress bar, metrics files, checkpoints and periodic verification.
+"""Training hooks: progress bar, metrics files, checkpoints, the run's model files and periodic verification.
 
 A callback sees the `Trainer` after each optimizer step (`trainer.step` steps done). Values a
 callback wants in the metrics files go through `trainer.log(key=value)`; `MetricsLogger` (last in
@@ -9,8 +9,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from facebce.data.verification_bin import load_bin
 from facebce.eval import accuracy_at_threshold, best_threshold, ten_fold
+from facebce.fileio import atomic_write_text
 from facebce.heads.base import ClassCentreHead
+from facebce.models.card import CENTRES_FILE, CLASS_THRESHOLDS_FILE, WEIGHTS_FILE, ModelCard, write_model_card
 from facebce.models.embedder import TorchEmbedder
 from facebce.train import checkpoint as ckpt
 
@@ -169,8 +171,7 @@ class Periodic(Callback):
 
 
 class Checkpointer(Periodic):
-    """Atomic checkpoint every `every_steps` steps and at the end; keeps the newest `keep`.
-    Also writes `backbone.pth` (a plain state_dict, insightface layout) at the end."""
+    """Atomic checkpoint every `every_steps` steps and at the end; keeps the newest `keep`."""
 
     def __init__(self, folder: Path, every_steps: int, keep: int):
         self.folder, self.every_steps, self.keep = Path(folder), every_steps, keep
@@ -186,26 +187,30 @@ class Checkpointer(Periodic):
 
     run = save
 
+
+class ModelFiles(Callback):
+    """At the end of a run, the files evaluation, export and deployment read (runs after the
+    Checkpointer): `backbone.pth` (a plain state_dict, insightface layout), the class centres and
+    per-class thresholds when the head scores by centres, and the model card `model.json`."""
+
     def on_train_end(self, trainer):
-        super().on_train_end(trainer)  # the final checkpoint, unless the last step wrote it
         centres = class_centres(trainer)  # a collective (gathers the head's rows): every rank
         if trainer.is_main:
             state = {k: v.detach().cpu() for k, v in trainer.backbone.state_dict().items()}
-            ckpt.atomic_save(state, trainer.run_dir / "backbone.pth")
+            ckpt.atomic_save(state, trainer.run_dir / WEIGHTS_FILE)
             card = model_card(trainer)
             if centres is not None:
                 weight, thresholds = centres
                 ckpt.atomic_save(weight, trainer.run_dir / CENTRES)
-                card["centres"] = CENTRES
+                card = replace(card, centres=CENTRES)
                 if thresholds is not None:
                     ckpt.atomic_save(thresholds, trainer.run_dir / CLASS_THRESHOLDS)
-                    card["class_thresholds"] = CLASS_THRESHOLDS
-            write_json_atomic(trainer.run_dir / MODEL_CARD, card)
+                    card = replace(card, class_thresholds=CLASS_THRESHOLDS)
+            write_model_card(trainer.run_dir, card)
 
 
-MODEL_CARD = "model.json"
-CENTRES = "centres.pth"  # the head's class centres, a plain N x d float tensor
-CLASS_THRESHOLDS = "class_thresholds.pth"  # per-class learned thresholds (b_j or b_j/γ), N floats
+CENTRES = CENTRES_FILE  # the head's class centres, a plain N x d float tensor
+CLASS_THRESHOLDS = CLASS_THRESHOLDS_FILE  # per-class learned thresholds (b_j or b_j/γ), N floats
 
 
 def _inner_head(trainer):
@@ -234,26 +239,26 @@ def class_centres(trainer) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor
     return weight, thresholds
 
 
-def model_card(trainer) -> dict:
+def model_card(trainer) -> ModelCard:
     """What evaluation and export need to rebuild the backbone and know its learned threshold,
     without importing the training code: architecture, options, head, bias b and threshold; and for
     closed-set evaluation how the head scores its classes (`scores`: cosine | linear | null), the
-    number of classes and the centres file (written beside it by `Checkpointer` when `scores` is set)."""
+    number of classes and the centres file (written beside it by `ModelFiles` when `scores` is set)."""
     m, head = trainer.cfg.model, trainer.head
     bias = getattr(head, "bias", None)
     kind = score_kind(trainer)
-    return {"format": "facebce-model", "arch": m.arch, "embedding_size": m.embedding_size,
-            "options": dict(m.options), "head": trainer.cfg.head.name,
-            "bias": float(bias.detach()) if bias is not None and bias.numel() == 1 else None,
-            "threshold": head.threshold, "steps": trainer.step, "weights": "backbone.pth",
-            "scores": kind, "num_classes": int(trainer.num_classes), "centres": CENTRES if kind else None,
-            "class_thresholds": None}
+    threshold = head.threshold
+    threshold = threshold if threshold is not None and math.isfinite(threshold) else None
+    return ModelCard(arch=m.arch, embedding_size=m.embedding_size, options=dict(m.options),
+                     head=trainer.cfg.head.name,
+                     bias=float(bias.detach()) if bias is not None and bias.numel() == 1 else None,
+                     threshold=threshold, steps=trainer.step, weights=WEIGHTS_FILE, scores=kind,
+                     num_classes=int(trainer.num_classes), centres=CENTRES if kind else None,
+                     class_thresholds=None)
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 class Verification(Periodic):
@@ -299,7 +304,8 @@ class Verification(Periodic):
             tf = ten_fold(e1, e2, issame)
             best = best_threshold(scores, issame)
             r = {"acc": tf.accuracy, "acc_std": tf.std, "best_acc": best.accuracy, "best_threshold": best.threshold}
-            line = f"{name}: 10-fold {tf.accuracy:.4f}±{tf.std:.4f}, best global cos>{best.threshold:.3f} {best.accuracy:.4f}"
+            line = (f"{name}: 10-fold {tf.accuracy:.4f}±{tf.std:.4f}, "
+                    f"best global cos>{best.threshold:.3f} {best.accuracy:.4f}")
             if threshold is not None:
                 at = accuracy_at_threshold(scores, issame, threshold)
                 r.update(learned_acc=at.accuracy, learned_tar=at.tar, learned_far=at.far)
@@ -317,7 +323,7 @@ class ClassificationVal(Periodic):
 
     Embeds them as the head sees a batch (eval mode, no flip, no L2 normalisation), scores them
     against the current class centres as the head's bias-free `scores()` do, and logs the BCE
-    paper's uniform-classification figures (metrics.md §1): `val/sw_acc`, `val/uni_acc`,
+    paper's uniform-classification figures (docs/metrics.md §1): `val/sw_acc`, `val/uni_acc`,
     `val/t_star`, the learned threshold `val/bias` (b or b/γ) and `val/bias_gap` (= bias − t*), and
     class-wise accuracy with optimised (`val/cw_opt_acc`) and learned (`val/cw_learned_acc`) thresholds.
     """
@@ -342,7 +348,7 @@ class ClassificationVal(Periodic):
 
     def run(self, trainer) -> None:
         from facebce.eval.model_loading import class_scores  # facebce.eval's exact head scoring
-        from facebce.eval.runner import uniform_section
+        from facebce.eval.uniform import uniform_section
 
         self.last_step = trainer.step
         centres = class_centres(trainer) if score_kind(trainer) is not None else None  # a collective

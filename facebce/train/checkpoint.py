@@ -120,7 +120,7 @@ def load_backbone_init(model: nn.Module, path: Union[str, os.PathLike]) -> None:
     state = torch_load_weights_only(where, what="checkpoint")
     if isinstance(state, Mapping) and state.get("format") == FORMAT:
         state = state["backbone"]
-    load_insightface_weights(model, state)
+    load_insightface_weights(model, state, where=where)
 
 
 # ------------------------------------------------------------------------------------ RNG

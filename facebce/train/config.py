@@ -20,6 +20,7 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -28,15 +29,18 @@ import yaml
 
 import torch
 
-from facebce.errors import ConfigError, ModelError
-from facebce.heads import check_config, list_heads
-from facebce.models import build_backbone
+from facebce.errors import ConfigError, DataFormatError, FacebceError, ModelError
+from facebce.fileio import load_yaml_file
+from facebce.heads import build_head, check_config, list_heads
+from facebce.models import BUILD_ERRORS, build_backbone
 from facebce.resources import recipe_path, resolve_base
 
 DATA_KINDS = ("synthetic", "rec", "folder")
 OPTIMIZERS = ("sgd", "adamw")
 AMP_MODES = ("none", "bf16", "fp16")
 PFC_KEYS = ("sample_rate", "neg_rescale")  # head-section keys that belong to Partial-FC, not the head
+MAX_INT = 2**63  # every int of a recipe fits an int64 (torch, numpy)
+MAX_SEED = 2**32  # seeds feed numpy's legacy seeding (< 2**32) and torch.manual_seed
 
 
 @dataclass
@@ -171,9 +175,9 @@ def _read_recipe(path: Path, chain: tuple) -> dict:
     if not path.is_file():
         raise ConfigError(f"base: recipe file not found: {path}" if chain else f"recipe: file not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe: {path} is not valid YAML: {e}") from None
+        doc = load_yaml_file(path, what="recipe")  # one line: not UTF-8, YAML syntax (line, column)
+    except DataFormatError as e:
+        raise ConfigError(f"recipe: {e}") from None
     doc = _plain({} if doc is None else doc, str(path))
     base = doc.pop("base", None)
     if base is None:
@@ -217,7 +221,8 @@ def parse_override(item: str) -> dict:
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{key}: --set value {text!r} is not valid YAML ({e})") from None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{key}: --set value {text!r} is not valid YAML ({problem})") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value
@@ -261,10 +266,15 @@ def _coerce(tp, value: Any, key: str):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= MAX_INT:
+                raise ConfigError(f"{key}: {value} is out of range (|value| < 2**63)")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            number = float(value) if abs(value) < 1e308 else math.inf
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
         if isinstance(value, str):  # PyYAML reads `5e-4` (no dot) as a string
             try:
                 number = float(value)
@@ -301,11 +311,12 @@ def validate(cfg: TrainConfig) -> None:
     _need(d.batch_size >= 1, "data.batch_size", f"must be >= 1, got {d.batch_size}")
     _need(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
     _need(0.0 <= d.val_fraction < 1.0, "data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    _need(0 <= d.val_seed < MAX_SEED, "data.val_seed", f"must be in [0, 2**32), got {d.val_seed}")
     if d.kind == "synthetic":
         _need(s.identities >= 2, "data.synthetic.identities", f"must be >= 2, got {s.identities}")
         _need(s.images >= 1, "data.synthetic.images", f"must be >= 1, got {s.images}")
         _need(s.difficulty >= 0, "data.synthetic.difficulty", f"must be >= 0, got {s.difficulty}")
-        _need(0 <= s.seed < 2**32, "data.synthetic.seed", f"must be in [0, 2**32), got {s.seed}")
+        _need(0 <= s.seed < MAX_SEED, "data.synthetic.seed", f"must be in [0, 2**32), got {s.seed}")
         if s.heldout_pairs:
             _need(s.heldout_pairs >= 20 and s.heldout_pairs % 2 == 0, "data.synthetic.heldout_pairs",
                   f"must be even and >= 20 (10 folds), got {s.heldout_pairs}")
@@ -316,14 +327,11 @@ def validate(cfg: TrainConfig) -> None:
     _need(m.embedding_size >= 1, "model.embedding_size", f"must be >= 1, got {m.embedding_size}")
     _need(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
     _need(m.freeze_backbone_steps >= 0, "model.freeze_backbone_steps", "must be >= 0")
-    try:
-        with torch.device("meta"):  # checks arch and its options without allocating anything
-            build_backbone(m.arch, embedding_size=m.embedding_size, dropout=m.dropout, **m.options)
-    except ModelError as e:
-        raise ConfigError(f"model: {e}") from None
+    _check_backbone(m)
     h = cfg.head
     _need(h.name in list_heads(), "head.name", f"unknown head {h.name!r}; valid: {', '.join(list_heads())}")
     check_config(h.name, h.options)  # ConfigError "head.<key>: unknown key for head ..."
+    _check_head(h, m.embedding_size)
     _need(0.0 < h.sample_rate <= 1.0, "head.sample_rate", f"must be in (0, 1], got {h.sample_rate}")
     o = cfg.optim
     _need(o.name in OPTIMIZERS, "optim.name", f"{o.name!r} is not one of {', '.join(OPTIMIZERS)}")
@@ -340,7 +348,9 @@ def validate(cfg: TrainConfig) -> None:
     _need((cfg.steps is None) != (cfg.epochs is None), "steps",
           "set exactly one of steps and epochs" + (f" (got steps={cfg.steps}, epochs={cfg.epochs})"))
     _need(cfg.steps is None or cfg.steps >= 1, "steps", f"must be >= 1, got {cfg.steps}")
-    _need(cfg.epochs is None or cfg.epochs > 0, "epochs", f"must be > 0, got {cfg.epochs}")
+    _need(cfg.epochs is None or (math.isfinite(cfg.epochs) and cfg.epochs > 0), "epochs",
+          f"must be a finite number > 0, got {cfg.epochs}")
+    _need(0 <= cfg.seed < MAX_SEED, "seed", f"must be in [0, 2**32), got {cfg.seed}")
     _need(cfg.amp in AMP_MODES, "amp", f"{cfg.amp!r} is not one of {', '.join(AMP_MODES)}")
     _need(cfg.num_threads is None or cfg.num_threads >= 1, "num_threads", "must be >= 1 or null")
     c = cfg.checkpoint
@@ -351,6 +361,57 @@ def validate(cfg: TrainConfig) -> None:
     _need(v.every_steps >= 0, "verification.every_steps", "must be >= 0 (0 = only at the end)")
     _need(v.batch_size >= 1, "verification.batch_size", "must be >= 1")
     _need(cfg.log.every_steps >= 1, "log.every_steps", f"must be >= 1, got {cfg.log.every_steps}")
+
+
+_BUILD_ERRORS = BUILD_ERRORS
+
+
+def _check_backbone(m: ModelConfig) -> None:
+    """Build the backbone on the meta device (no memory): arch and options are checked by the code
+    that uses them. A builder refusing a value (TypeError, negative sizes, ...) names the option."""
+    def build(options: Mapping) -> None:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch: "Initializing zero-element tensors is a no-op"
+            model = build_backbone(m.arch, embedding_size=m.embedding_size, dropout=m.dropout, **options)
+        empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+        if empty is not None:
+            raise ValueError(f"they make an empty layer ({empty} has no weights)")
+
+    try:
+        build(m.options)
+    except (ModelError, *_BUILD_ERRORS) as e:
+        culprit = None
+        if m.options and not _fails(build, {}):  # the arch builds: find the option that does not
+            culprit = next((k for k in m.options if _fails(build, {k: m.options[k]})), None)
+        if culprit is None:
+            raise ConfigError(f"model: {_first_line(e)}") from None
+        raise ConfigError(f"model.options.{culprit}: {m.options[culprit]!r} is refused by backbone {m.arch!r} "
+                          f"({_first_line(e)})") from None
+
+
+def _check_head(h: HeadConfig, embedding_size: int) -> None:
+    """Build the head on the meta device with 2 classes: its own value checks name the key (`head.scale`)."""
+    try:
+        with torch.device("meta"):
+            build_head(h.name, embedding_size, 2, **h.options)
+    except FacebceError as e:
+        text = str(e)
+        raise ConfigError(text if text.startswith("head.") else f"head.{text}") from None
+    except _BUILD_ERRORS as e:
+        raise ConfigError(f"head: options {dict(h.options)} are refused by head {h.name!r} "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _fails(build, options: Mapping) -> bool:
+    try:
+        build(options)
+    except (ModelError, *_BUILD_ERRORS):
+        return True
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    return next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)[:200]
 
 
 def save_config(cfg: TrainConfig, path: Union[str, os.PathLike]) -> None:

@@ -11,6 +11,10 @@ per step: linear warmup, then polynomial decay (power 2) to 0 (arcface_torch). W
 weights with >= 2 dimensions and the class centres: never on biases, BN/PReLU parameters or the
 head's bias (the learned threshold; decay would pull it toward 0). Gradient clipping applies to the
 backbone (arcface_torch: norm 5), whose gradient DDP has already averaged.
+
+The module is over 450 lines because it is one class: the Trainer's builders (runtime, data, model,
+optimizer, loop state, callbacks), its loop and its resume logic share the trainer's state, and
+splitting them across files would scatter one object's methods.
 """
 from __future__ import annotations
 
@@ -37,8 +41,8 @@ from facebce.errors import ConfigError, FacebceError
 from facebce.heads import PartialFC
 from facebce.models import build_backbone
 from facebce.train import checkpoint as ckpt
-from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, MetricsLogger, ProgressBar,
-                                     Verification, write_json_atomic)
+from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, MetricsLogger, ModelFiles,
+                                     ProgressBar, Verification, write_json_atomic)
 from facebce.train.config import TrainConfig, load_config, save_config
 from facebce.train.loader import (SeededSamples, ShardedBatchSampler, batch_collate, batches_per_epoch, build_datasets,
                                   normalise_batch, raise_worker_errors)
@@ -57,7 +61,7 @@ class TrainResult:
     checkpoint: Optional[Path]         # the last checkpoint written (rank 0)
     verification: dict = field(default_factory=dict)  # {set name: {acc, acc_std, best_acc, ...}} at the end
     seconds: float = 0.0
-    val: dict = field(default_factory=dict)  # closed-set val at the end (data.val_fraction): sw_acc, uni_acc, t_star, ...
+    val: dict = field(default_factory=dict)  # closed-set val at the end (data.val_fraction): sw_acc, uni_acc, ...
 
     def to_json(self) -> dict:
         """What `results.json` in the run folder holds (NaN as null)."""
@@ -138,10 +142,21 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callback] = (),
                  resume_older: bool = False):
         self.cfg = cfg
-        self.rank, self.world_size, local_rank, self._owns_group = init_distributed()
+        self._build_runtime()
+        resume_from = self._find_resume(resume_older) if resume or resume_older else None
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+        self._build_loop_state(resume_from)
+        self._build_callbacks(callbacks)
+
+    def _build_runtime(self) -> None:
+        """Processes, device, autocast dtype, threads and the run folder; bad paths fail on every rank."""
+        cfg = self.cfg
+        self.rank, self.world_size, self.local_rank, self._owns_group = init_distributed()
         self.is_main = self.rank == 0
         self.group = dist.group.WORLD if self.world_size > 1 else None
-        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("amp: fp16 needs CUDA (GradScaler); use bf16 on CPU")
         self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
@@ -153,9 +168,10 @@ class Trainer:
         for path in cfg.verification.bins:  # checked on every rank: a rank-0-only failure would hang the others
             if not Path(path).is_file():
                 raise ConfigError(f"verification.bins: {path}: no such file")
-        resume_from = self._find_resume(resume_older) if resume or resume_older else None
 
-        # data
+    def _build_data(self) -> None:
+        """Datasets, per-sample seeded streams, and the step counts they give."""
+        cfg = self.cfg
         seed_everything(cfg.seed)
         self.dataset, self.val_dataset = build_datasets(cfg.data)
         self.num_classes = int(self.dataset.num_classes)
@@ -169,7 +185,10 @@ class Trainer:
         self.warmup_steps = (cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
                              else int(cfg.optim.warmup_epochs * steps_per_epoch))
 
-        # backbone (identical on every rank), then the head shard and per-rank RNG streams
+    def _build_model(self) -> None:
+        """Backbone (identical on every rank; DDP and compile when asked), then the head shard and
+        per-rank RNG streams."""
+        cfg = self.cfg
         m = cfg.model
         self.backbone = build_backbone(m.arch, embedding_size=m.embedding_size, dropout=m.dropout, **m.options)
         if m.init_backbone:
@@ -185,13 +204,15 @@ class Trainer:
         self.model: nn.Module = self.backbone
         self.ddp: Optional[DistributedDataParallel] = None
         if self.world_size > 1:
-            self.ddp = DistributedDataParallel(self.backbone, device_ids=[local_rank] if self.device.type == "cuda"
-                                               else None)
+            self.ddp = DistributedDataParallel(self.backbone,
+                                               device_ids=[self.local_rank] if self.device.type == "cuda" else None)
             self.model = self.ddp
         if cfg.compile:
             self.model = torch.compile(self.model)
 
-        # optimizer: no weight decay on 1-D parameters (biases, BN, PReLU) nor on the head's bias
+    def _build_optimizer(self) -> None:
+        """SGD or AdamW; no weight decay on 1-D parameters (biases, BN, PReLU) nor on the head's bias."""
+        cfg = self.cfg
         self.named_params = ([(f"backbone.{n}", p) for n, p in self.backbone.named_parameters()]
                              + [(f"head.{n}", p) for n, p in self.head.head.named_parameters()])
         decay = [p for n, p in self.named_params if p.dim() > 1]
@@ -206,7 +227,10 @@ class Trainer:
         self.sharded = {f"head.{n}": self.head for n in self.head.head.sharded_names()}
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None  # fp16 is CUDA-only (checked above)
 
-        # loop state
+    def _build_loop_state(self, resume_from: Optional[tuple[Path, dict]]) -> None:
+        """Step counters and timers; restore a checkpoint, or refuse a folder that holds another run's
+        checkpoints; save the recipe."""
+        cfg = self.cfg
         self.step, self.epoch, self.epoch_samples = 0, 0, 0
         self.last_record: dict = {}
         self._pending: dict = {}
@@ -221,7 +245,10 @@ class Trainer:
         if self.is_main:
             save_config(cfg, self.run_dir / "config.yaml")
 
-        # hooks: progress, verification, checkpoints, then the metrics files (they write what the others logged)
+    def _build_callbacks(self, callbacks: Sequence[Callback]) -> None:
+        """Progress, verification, the caller's callbacks, checkpoints, the run's model files, then the
+        metrics files (they write what the others logged)."""
+        cfg = self.cfg
         bins = [(Path(p).stem, Path(p)) for p in cfg.verification.bins]
         heldout = self._heldout_pairs()
         if heldout is not None:
@@ -230,6 +257,7 @@ class Trainer:
         self.verification = Verification(bins, cfg.verification.every_steps, cfg.verification.flip,
                                          cfg.verification.batch_size)
         self.checkpointer = Checkpointer(self.ckpt_dir, cfg.checkpoint.every_steps, cfg.checkpoint.keep)
+        self.model_files = ModelFiles()
         extra = list(callbacks)
         self.val = None
         if self.val_dataset is not None and len(self.val_dataset):
@@ -237,7 +265,8 @@ class Trainer:
             extra.insert(0, self.val)
         columns = [c for cb in [self.verification, *extra] for c in cb.columns()]
         self.metrics = MetricsLogger(self.run_dir, columns, cfg.log.tensorboard)
-        self.callbacks = [self.progress, self.verification, *extra, self.checkpointer, self.metrics]
+        self.callbacks = [self.progress, self.verification, *extra, self.checkpointer, self.model_files,
+                          self.metrics]
 
     # ------------------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
@@ -400,7 +429,8 @@ class Trainer:
 
     def _restore(self, path: Path, state: dict) -> None:
         if state["num_classes"] != self.num_classes:
-            raise FacebceError(f"{path}: checkpoint has {state['num_classes']} classes, the data has {self.num_classes}")
+            raise FacebceError(f"{path}: checkpoint has {state['num_classes']} classes, "
+                               f"the data has {self.num_classes}")
         self.backbone.load_state_dict(state["backbone"])
         self.head.load_full_state_dict(state["head"])
         ckpt.load_optimizer_state(self.optimizer, self.named_params, self.sharded, state["optimizer"])

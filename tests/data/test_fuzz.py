@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from facebce.data.rec_dataset import RecDataset
-from facebce.data.recordio import PACK_FILES, pack_image_folder
+from facebce.data.pack import PACK_FILES, pack_image_folder
 from facebce.data.tools import inspect_data
 from facebce.data.verification_bin import load_bin, save_bin
 from facebce.errors import FacebceError

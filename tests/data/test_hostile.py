@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-from facebce.data.recordio import pack_image_folder
+from facebce.data.pack import pack_image_folder
 from facebce.data.transforms import decode_image
 from facebce.data.verification_bin import load_bin
 from facebce.errors import DataFormatError

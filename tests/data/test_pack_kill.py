@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from facebce.data.rec_dataset import RecDataset
-from facebce.data.recordio import PACK_FILES, pack_image_folder
+from facebce.data.pack import PACK_FILES, pack_image_folder
 from tests.data.hostile import make_faces
 
 KILLS = 10
@@ -105,8 +105,8 @@ def test_kill_9_during_pack_leaves_old_or_new_pack(tmp_path):
 @pytest.mark.skipif(sys.platform != "linux", reason="renameat2 is Linux-only")
 def test_exchange_fallback_still_gives_old_or_new(tmp_path, monkeypatch):
     """Where the folder exchange is unsupported, two renames are used: never a mix either."""
-    from facebce.data import recordio
-    monkeypatch.setattr(recordio, "_exchange", lambda a, b: False)
+    from facebce.data import pack as packing
+    monkeypatch.setattr(packing, "_exchange", lambda a, b: False)
     make_faces(tmp_path / "img", {"a": 1, "b": 2})
     pack_image_folder(tmp_path / "img", tmp_path / "pack", progress=False)
     make_faces(tmp_path / "img", {"c": 1})

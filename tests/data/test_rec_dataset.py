@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from facebce.data import rec_dataset
 from facebce.data.image_folder import ImageFolderDataset
 from facebce.data.rec_dataset import RecDataset
-from facebce.data.recordio import IndexedRecordReader, RecordIOWriter, pack_image_folder, pack_image_record
+from facebce.data.pack import pack_image_folder
+from facebce.data.recordio import IndexedRecordReader, RecordIOWriter, pack_image_record
 from facebce.errors import DataFormatError
 from tests.data.test_image_folder import make_image_folder
 

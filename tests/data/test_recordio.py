@@ -1,4 +1,4 @@
-"""RecordIO framing, IRHeader records, the indexed writer/reader and pack_image_folder (formats.md §1-3)."""
+"""RecordIO framing, IRHeader records, the indexed writer/reader and pack_image_folder (docs/formats.md §1-3)."""
 from __future__ import annotations
 
 import os
@@ -9,8 +9,9 @@ import struct
 import numpy as np
 import pytest
 
+from facebce.data.pack import pack_image_folder
 from facebce.data.recordio import (MAGIC, IndexedRecordReader, IRHeader, RecordIOWriter, frame_record,
-                                   pack_image_folder, pack_image_record, unpack_image_record)
+                                   pack_image_record, unpack_image_record)
 from facebce.errors import DataFormatError
 from tests.data.test_image_folder import make_image_folder
 

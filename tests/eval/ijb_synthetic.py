@@ -1,4 +1,4 @@
-"""Test-only: a small synthetic IJB-C folder in the exact insightface IJB_release format (formats.md §6).
+"""Test-only: a small synthetic IJB-C folder in the exact insightface IJB_release format (docs/formats.md §6).
 
 `IJBC/loose_crop/<n>.jpg` are loose crops: a synthetic face (facebce.data.synthetic) scaled, rotated
 and shifted into a larger frame, so alignment has real work to do; the 5 points written to the

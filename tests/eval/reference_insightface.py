@@ -5,7 +5,7 @@ Copyright (c) 2016 David Sandberg; adapted by the insightface authors): calculat
 calculate_accuracy, calculate_val, calculate_val_far, LFold and evaluate, without the PCA branch and the
 mxnet/torch model code. One change, marked below: interp1d(kind='slinear') raises on the duplicate
 FAR values every real curve has (SciPy >= 1.9), so the FAR -> threshold curve keeps the first
-threshold of each distinct FAR (metrics.md §2.7) and is read with np.interp, or with the original
+threshold of each distinct FAR (docs/metrics.md §2.7) and is read with np.interp, or with the original
 interp1d when `scipy_interp=True` (same numbers on de-duplicated points).
 """
 import numpy as np
@@ -86,7 +86,7 @@ def calculate_val(thresholds, dist, actual_issame, far_target, nrof_folds=10, sc
         for threshold_idx, threshold in enumerate(thresholds):
             _, far_train[threshold_idx] = calculate_val_far(threshold, dist[train_set], actual_issame[train_set])
         if np.max(far_train) >= far_target:
-            # CHANGED (metrics.md §2.7): was interpolate.interp1d(far_train, thresholds, kind='slinear')
+            # CHANGED (docs/metrics.md §2.7): was interpolate.interp1d(far_train, thresholds, kind='slinear')
             fars, first = np.unique(far_train, return_index=True)
             if scipy_interp:
                 threshold = interpolate.interp1d(fars, thresholds[first], kind='slinear')(far_target)
@@ -116,3 +116,41 @@ def evaluate(embeddings, actual_issame, nrof_folds=10):
     """insightface evaluate(): images 2k and 2k+1 form pair k."""
     diff = np.subtract(embeddings[0::2], embeddings[1::2])
     return evaluate_distances(np.sum(np.square(diff), 1), actual_issame, nrof_folds)
+
+
+def interp1d_slinear_scipy_lt_1_9(x, y, x_new):
+    """What `interpolate.interp1d(x, y, kind='slinear')(x_new)` computed on SciPy < 1.9, which accepted
+    duplicate x (SciPy 1.8.1 interpolate/_interpolate.py and _bsplines.py): a stable mergesort of x, then
+    make_interp_spline(x, y, k=1), whose k=1 shortcut is BSpline(t=[x0, x0..xn, xn], c=y, k=1) — built
+    here with SciPy's own BSpline, so the evaluation (de Boor) is SciPy's."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    ind = np.argsort(x, kind="mergesort")
+    x, y = x[ind], y[ind]
+    if not x[0] <= x_new <= x[-1]:
+        raise ValueError("A value in x_new is out of the interpolation range.")  # interp1d's bounds_error
+    spline = interpolate.BSpline(np.r_[x[0], x, x[-1]], y, 1)
+    return float(spline(x_new))
+
+
+def calculate_val_original(thresholds, dist, actual_issame, far_target, nrof_folds=10):
+    """calculate_val exactly as verification.py has it (interp1d on the raw, duplicated FAR curve),
+    run with the SciPy < 1.9 interp1d above: the number verification.py prints (`parity` in facebce)."""
+    nrof_pairs = len(actual_issame)
+    nrof_thresholds = len(thresholds)
+    k_fold = LFold(n_splits=nrof_folds, shuffle=False)
+    val = np.zeros(nrof_folds)
+    far = np.zeros(nrof_folds)
+    indices = np.arange(nrof_pairs)
+    for fold_idx, (train_set, test_set) in enumerate(k_fold.split(indices)):
+        far_train = np.zeros(nrof_thresholds)
+        for threshold_idx, threshold in enumerate(thresholds):
+            _, far_train[threshold_idx] = calculate_val_far(threshold, dist[train_set], actual_issame[train_set])
+        if np.max(far_train) >= far_target:
+            threshold = interp1d_slinear_scipy_lt_1_9(far_train, thresholds, far_target)
+        else:
+            threshold = 0.0
+        val[fold_idx], far[fold_idx] = calculate_val_far(threshold, dist[test_set], actual_issame[test_set])
+    val_mean = np.mean(val)
+    far_mean = np.mean(far)
+    val_std = np.std(val)
+    return val_mean, val_std, far_mean

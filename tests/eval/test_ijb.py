@@ -216,3 +216,31 @@ def test_runner_caches_ijb_features(ijb_root, tmp_path):
         evaluate(ProjectionEmbedder(), [("ijbc", ijb_root)], threshold="fixed:0.3", progress=False)
     with pytest.raises(ConfigError, match="needs a pairs set to fit on"):
         evaluate(ProjectionEmbedder(), [("ijbc", ijb_root)], progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:.*sizes differ from the published ones")
+def test_only_the_three_1to1_files_run_1to1_and_skip_1toN_with_a_note(ijb_root, tmp_path, capsys):
+    """eval_ijbc.py needs only *_face_tid_mid.txt, *_name_5pts_score.txt and *_template_pair_label.txt.
+    Today: 'ijbc_1N_gallery_G1.csv: IJB meta file is missing' and nothing runs."""
+    from facebce.cli import main
+    from facebce.eval.runner import evaluate
+
+    root = _copy(ijb_root, tmp_path)
+    for f in (root / "meta").glob("*1N*"):
+        f.unlink()
+    with pytest.warns(UserWarning, match=r"1:N identification skipped \(no ijbc_1N_gallery_G1.csv, "):
+        meta = load_ijb(root, "ijbc", check_sizes=False)
+    assert meta.galleries == {} and meta.probes is None and len(meta.pairs) > 0
+    with pytest.warns(UserWarning, match="1:N identification skipped"):
+        report = evaluate(ProjectionEmbedder(), [("ijbc", root)], threshold="fixed:0.3", align=align_for_tests,
+                          progress=False)
+    full = load_ijb(ijb_root, "ijbc", check_sizes=False)
+    result = report.ijb[0]
+    assert result.identification is None and len(result.scores) == len(full.pairs)
+    # the CLI prints the note as one line and runs 1:1 (no model here: re-scoring from a missing cache fails
+    # after the note, naming the set; the note is what this checks)
+    main(["eval", "-", f"ijbc={root}", "--threshold", "fixed:0.3", "--cache", str(tmp_path / "c"),
+          "--model-name", "m"])
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "1:N" in ln]
+    assert notes == [f"facebce: note: {root / 'meta'}: ijbc 1:N identification skipped (no ijbc_1N_gallery_G1.csv, "
+                     "ijbc_1N_gallery_G2.csv, ijbc_1N_probe_mixed.csv); 1:1 verification runs"]

@@ -7,7 +7,8 @@ from facebce.errors import ConfigError
 from facebce.eval.protocols import (KINDS, PATH_ENV, describe_protocols, get_protocol, list_protocols,
                                     load_protocol_file)
 
-SHIPPED = ["agedb_30", "calfw", "cfp_ff", "cfp_fp", "classification_folder", "cplfw", "custom_bin", "custom_pairs", "ijbb", "ijbc", "lfw", "open_set_folder"]
+SHIPPED = ["agedb_30", "calfw", "cfp_ff", "cfp_fp", "classification_folder", "cplfw", "custom_bin", "custom_pairs",
+           "ijbb", "ijbc", "lfw", "open_set_folder"]
 
 
 def test_shipped_protocols_are_all_there():

@@ -123,3 +123,73 @@ def test_open_set_section_json_and_plots(labelled_folder, tmp_path):
     assert f"| FPIR target 1e-01 | {r.thresholds[2]:.4f} |" in md and r.fpir[2] == 0.05  # 20 probes: 1 alarm
     assert (f"| **global** `fixed:0.8` | 0.8000 | {100 * o.at_global.tpir:.2f} | {100 * o.at_global.fpir:.3f} |"
             in md)
+
+
+def test_val_parity_in_json_and_markdown(report, tmp_path):
+    """Defect 6: insightface's VAL@FAR beside facebce's, in report.json and report.md."""
+    write_report(report, tmp_path)
+    d = json.loads((tmp_path / "report.json").read_text())
+    for s, r in zip(d["sets"], report.sets):
+        p = r.ten_fold.parity
+        assert s["ten_fold"]["parity"] == {"rule": "insightface", "val": p.val, "val_std": p.val_std, "far": p.far}
+    md = (tmp_path / "report.md").read_text()
+    assert "| VAL@FAR=1e-3 % | VAL@FAR (insightface rule) % |" in md
+    for r in report.sets:
+        tf = r.ten_fold
+        assert (f"(FAR {100 * tf.far:.3f} %) | {100 * tf.parity.val:.2f} ± {100 * tf.parity.val_std:.2f} "
+                f"(FAR {100 * tf.parity.far:.3f} %) | " in md)
+
+
+def test_out_naming_an_existing_file_is_one_line_before_any_work(tmp_path, capsys):
+    """Today: FileExistsError traceback from mkdir, after every set was embedded."""
+    from facebce.cli import main
+    from facebce.errors import FacebceError
+
+    images, issame = make_pairs(SyntheticFaces(10, 4, seed=1, difficulty=0.4), 40, seed=1)
+    save_bin(tmp_path / "s.bin", images, issame)
+    (tmp_path / "taken").write_text("a file")
+    spy = ProjectionEmbedder()
+    for out in (tmp_path / "taken", tmp_path / "taken" / "sub"):
+        with pytest.raises(FacebceError, match=r"taken: exists and is not a folder") as e:
+            evaluate(spy, [("custom_bin", tmp_path / "s.bin")], out_dir=out, progress=False)
+        assert "\n" not in str(e.value)
+    assert spy.calls == 0 and (tmp_path / "taken").read_text() == "a file"
+    with pytest.raises(FacebceError, match=r"taken: exists and is not a folder"):
+        write_report(report_of(spy, tmp_path / "s.bin"), tmp_path / "taken")
+    onnx_path = _tiny_onnx(tmp_path / "m.onnx")
+    assert main(["eval", onnx_path, f"custom_bin={tmp_path / 's.bin'}", "--out", str(tmp_path / "taken")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("facebce: error: ") and "exists and is not a folder" in err and "\n" not in err
+
+
+def report_of(embedder, path):
+    return evaluate(embedder, [("custom_bin", path)], progress=False)
+
+
+def _tiny_onnx(path) -> str:
+    import onnx
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["g"]), helper.make_node("Flatten", ["g"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 112, 112])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("pairs", [0, 1, 9])
+def test_bin_too_small_for_ten_folds_names_the_set_and_the_size(tmp_path, pairs, capsys):
+    """Today: 'distances: 9 pairs cannot make 10 folds' without the set, after embedding everything."""
+    from facebce.cli import main
+    from facebce.errors import DataFormatError
+
+    images, issame = make_pairs(SyntheticFaces(10, 4, seed=1, difficulty=0.4), 40, seed=1)
+    save_bin(tmp_path / "small.bin", images[: 2 * pairs], issame[:pairs])
+    spy = ProjectionEmbedder()
+    with pytest.raises(DataFormatError) as e:
+        evaluate(spy, [("custom_bin", tmp_path / "small.bin")], threshold="fixed:0.3", progress=False)
+    text = str(e.value)
+    assert text.startswith(f"custom_bin ({tmp_path / 'small.bin'}): {pairs} pairs, but 10-fold verification "
+                           "needs at least 10 pairs") and "\n" not in text
+    assert spy.calls == 0
+    assert main(["eval", _tiny_onnx(tmp_path / "m.onnx"), f"custom_bin={tmp_path / 'small.bin'}"]) == 1
+    assert "needs at least 10 pairs" in capsys.readouterr().err

@@ -7,17 +7,17 @@ from facebce.eval.roc import FAR_TARGETS, Roc, tar_at_far
 from tests.eval.reference_eval_ijbc import tpr_at_fpr_table
 
 G = [.9, .8, .7, .4]
-I = [.85, .6, .5, .3, .2, .1, .05, 0, -.1, -.2]
+IMP = [.85, .6, .5, .3, .2, .1, .05, 0, -.1, -.2]
 
 
 def test_metrics_md_worked_example():
-    r = Roc(G, I)
+    r = Roc(G, IMP)
     fpr, tpr, thr = r.curve()
     np.testing.assert_allclose(fpr, [0, 0, .1, .1, .3, .3, 1])
     np.testing.assert_allclose(tpr, [0, .25, .25, .75, .75, 1, 1])
     expected = {"insightface": (.75, .75), "ijb_evals": (.25, 0), "conservative": (.75, .25), "interpolated": (.75, .5)}
     for mode, tars in expected.items():
-        # 0.05 < 1/|I|: (c) and (d) only read it with nan_unresolved=False (metrics.md §4's NaN rule)
+        # 0.05 < 1/|I|: (c) and (d) only read it with nan_unresolved=False (docs/metrics.md §4's NaN rule)
         np.testing.assert_allclose(r.tar_at_far([0.1, 0.05], mode, nan_unresolved=False).tar, tars, err_msg=mode)
     assert np.isnan(r.tar_at_far([0.05], "conservative").tar[0])
     # f = 0.05 in mode (a) is an exact FPR tie between 0 and 0.1; the reversed order reads FPR 0.1.
@@ -73,14 +73,14 @@ def test_exact_modes_against_brute_force():
         envelope = [tar[far == f].max() for f in fars]
         np.testing.assert_allclose(r.tar_at_far(targets, "interpolated").tar, np.interp(targets, fars, envelope),
                                    rtol=0, atol=1e-12)
-        # Mode (b) as metrics.md §4 defines it: nearest FPR in roc_curve's ascending order, first on ties.
+        # Mode (b) as docs/metrics.md §4 defines it: nearest FPR in roc_curve's ascending order, first on ties.
         fpr, tpr, _ = roc_curve(np.r_[np.ones(g.size), np.zeros(i.size)], np.r_[g, i])
         np.testing.assert_array_equal(r.tar_at_far(targets, "ijb_evals").tar,
                                       [tpr[np.argmin(np.abs(fpr - f))] for f in targets])
 
 
 def test_targets_below_one_impostor_are_nan_in_exact_modes_only():
-    r = Roc(G, I)  # 10 impostors: 1/|I| = 0.1
+    r = Roc(G, IMP)  # 10 impostors: 1/|I| = 0.1
     for mode in ("conservative", "interpolated"):
         res = r.tar_at_far([1e-6, 0.099, 0.1], mode)
         assert np.isnan(res.tar[:2]).all() and np.isnan(res.far[:2]).all() and res.tar[2] == 0.75
@@ -90,12 +90,12 @@ def test_targets_below_one_impostor_are_nan_in_exact_modes_only():
 
 
 def test_from_labels_and_bad_input():
-    r = Roc.from_labels(np.r_[G, I], np.r_[[1] * 4, [0] * 10])
+    r = Roc.from_labels(np.r_[G, IMP], np.r_[[1] * 4, [0] * 10])
     np.testing.assert_array_equal(r.tp[-1], 4)
     np.testing.assert_allclose(r.tar_at_far([0.05], "interpolated", nan_unresolved=False).tar, [0.5])
     with pytest.raises(DataFormatError, match="mode: 'nearest' is not one of"):
-        tar_at_far(G, I, mode="nearest")
+        tar_at_far(G, IMP, mode="nearest")
     with pytest.raises(DataFormatError, match="impostor: 1 scores are NaN"):
         Roc(G, [0.1, np.nan])
     with pytest.raises(DataFormatError, match="genuine: no scores"):
-        Roc([], I)
+        Roc([], IMP)

@@ -102,6 +102,13 @@ def test_cached_rescoring_needs_no_model(data, tmp_path):
     assert spy.calls > 0
     cached = sorted(p.name for p in (tmp_path / "proj32").iterdir())
     assert len(cached) == 2 and all(n.endswith("-flip.npy") for n in cached)
+    for name in cached:  # the cache holds the L2-normalised rows the report scored (the embedder's are not unit)
+        rows = np.load(tmp_path / "proj32" / name, allow_pickle=False)
+        assert rows.dtype == np.float32 and rows.shape == (2 * N_PAIRS, 32)
+        np.testing.assert_allclose(np.linalg.norm(rows.astype(np.float64), axis=1), 1.0, rtol=0, atol=1e-6)
+        assert name.startswith("synth_")
+    raw = spy.embed(np.zeros((1, 112, 112, 3), np.uint8))
+    assert abs(float(np.linalg.norm(raw)) - 1.0) > 1e-3
     again = _run(data, None, cache_dir=tmp_path, model_name="proj32")
     for a, b in zip(first.sets, again.sets):
         np.testing.assert_array_equal(a.scores, b.scores)

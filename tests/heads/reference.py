@@ -50,7 +50,7 @@ def ref_bce(logits: Tensor, target_logits: Tensor, labels: Tensor, neg_weight: f
 
 
 def ref_head_loss(name: str, z: Tensor, labels: Tensor, params: dict[str, Tensor], cfg: dict) -> Tensor:
-    """The loss of head `name` written out from heads.md, for the parameters in `params`."""
+    """The loss of head `name` written out from docs/heads.md, for the parameters in `params`."""
     w, b = params.get("weight"), params.get("bias")
     if name in ("softmax", "bce_u", "bce_d"):
         s = z @ w.t()

@@ -1,4 +1,4 @@
-"""BCE-U's learned bias moves toward the best global threshold t* (metrics.md §1) on fixed synthetic
+"""BCE-U's learned bias moves toward the best global threshold t* (docs/metrics.md §1) on fixed synthetic
 features.  The numbers are printed (run with -s) for the report."""
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_bce_u_norm_bias_over_gamma_approaches_t_star():
     gap1 = after["t_star"] - after["threshold"]
     assert gap0 > 0.15  # t* starts well above b0/γ = ln(9)/64 ...
     assert after["b"] > before["b"]  # ... so b must rise
-    assert abs(gap1) < 0.05 and abs(gap1) < abs(gap0) / 4  # heads.md's target |b/γ − t*| ≤ 0.05
+    assert abs(gap1) < 0.05 and abs(gap1) < abs(gap0) / 4  # docs/heads.md's target |b/γ − t*| ≤ 0.05
     assert after["acc_uni"] > 0.95
     assert after["acc_at_threshold"] >= after["acc_uni"] - 0.02  # b/γ is nearly as good as t*
 

@@ -1,4 +1,4 @@
-"""heads.md worked examples, through the heads themselves where a head can be set up to produce them."""
+"""docs/heads.md worked examples, through the heads themselves where a head can be set up to produce them."""
 from __future__ import annotations
 
 import math
@@ -163,8 +163,8 @@ def test_dismax_example(distance):
     head, z = dismax_setup(distance=distance)
     assert head.distances(z)[0].tolist() == pytest.approx([0.0, 1.0, math.sqrt(2.0)], abs=1e-7)
     out = head(z, Y0)
-    # heads.md prints L_2 = −2.219036 and loss 4.6135e-5; −(√2 + mean D) = −2.218951 and
-    # log(1 + e^-10 + e^-14.142) = 4.61202e-5 (the spec's MMLES −3.3328 agrees with these)
+    # the original spec printed L_2 = −2.219036 and loss 4.6135e-5; −(√2 + mean D) = −2.218951 and
+    # log(1 + e^-10 + e^-14.142) = 4.61202e-5 (its MMLES −3.3328 agrees with these; docs/heads.md §5 has them)
     assert out.logits[0].tolist() == pytest.approx([-0.804738, -1.804738, -2.218951], abs=1e-6)
     assert out.loss.item() == pytest.approx(4.61202e-5, rel=1e-5)
     assert out.extras["ood_score"].item() == pytest.approx(-3.3328, abs=1e-4)

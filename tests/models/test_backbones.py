@@ -127,11 +127,12 @@ def test_bad_weight_files(tmp_path):
         load_insightface_weights(model, tmp_path / "missing.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match="garbage.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(ModelError, match=r"garbage\.pth: (not a weights-only checkpoint|checkpoint is truncated)"):
         load_insightface_weights(model, garbage)
     whole = tmp_path / "whole_model.pth"
     torch.save(model, whole)  # a pickled module, which weights_only=True refuses to execute
-    with pytest.raises(ModelError, match="whole_model.pth: not a readable PyTorch checkpoint"):
+    with pytest.raises(ModelError, match="whole_model.pth: not a weights-only checkpoint: it contains "
+                                         "facebce.models.mobilefacenet.MobileFaceNet"):
         load_insightface_weights(model, whole)
     nested = tmp_path / "nested.pth"
     torch.save({"state_dict": model.state_dict(), "epoch": 3}, nested)

@@ -57,7 +57,8 @@ def test_run_writes_checkpoints_metrics_and_config(reference):
     assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in rows)
     assert rows[0]["lr"] == pytest.approx(0.05)  # warmup of one step reaches the base lr
     assert rows[-1]["lr"] == pytest.approx(0.05 * (1 - 2 / 3) ** 2)  # poly decay, power 2
-    assert abs(rows[-1]["threshold"] - result.threshold) < 1e-6 and rows[-1]["bias"] == pytest.approx(64 * result.threshold)
+    assert abs(rows[-1]["threshold"] - result.threshold) < 1e-6
+    assert rows[-1]["bias"] == pytest.approx(64 * result.threshold)
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:7] == ["step", "epoch", "loss", "lr", "samples_per_s", "threshold", "bias"]
 
@@ -196,7 +197,8 @@ def test_bf16_channels_last_and_grad_accum(tmp_path):
                                optim={"grad_accum": 2}, checkpoint={"every_steps": 0}))
     ck = load_checkpoint(result.checkpoint)
     assert ck["epoch_samples"] == 2 * 4  # two micro-batches of 4 per optimizer step
-    assert torch.isfinite(ck["head"]["weight"]).all() and all(v.dtype != torch.bfloat16 for v in ck["backbone"].values())
+    assert torch.isfinite(ck["head"]["weight"]).all()
+    assert all(v.dtype != torch.bfloat16 for v in ck["backbone"].values())
 
 
 @pytest.mark.parametrize("head, learned, every", [("bce_u_norm", True, 1), ("softmax_norm", False, 0)])

@@ -11,7 +11,7 @@ from facebce.data.verification_bin import load_bin, save_bin
 from facebce.errors import ConfigError
 from facebce.eval import best_threshold, ten_fold
 from facebce.eval.model_loading import load_classifier
-from facebce.eval.runner import uniform_section
+from facebce.eval.uniform import uniform_section
 from facebce.models.embedder import TorchEmbedder
 from facebce.train import Trainer, train
 from facebce.train.loader import build_datasets, split_per_identity

@@ -41,7 +41,7 @@ from facebce.deploy.quantize import calibration_images  # noqa: E402
 from facebce.errors import ConfigError  # noqa: E402
 from facebce.eval.model_loading import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from facebce.eval.protocols import get_protocol  # noqa: E402
-from facebce.eval.runner import load_pairs  # noqa: E402
+from facebce.eval.image_sets import load_pairs  # noqa: E402
 from facebce.eval.tenfold import TenFoldResult, fold_bounds, ten_fold  # noqa: E402
 from facebce.eval.verification import ThresholdResult, accuracy_at_threshold, best_threshold  # noqa: E402
 from facebce.models.embedder import OnnxEmbedder, Preprocess  # noqa: E402
