@@ -15,6 +15,8 @@ bit-identical. Pair scores are a gather from the template Gram matrix, computed 
 of rows (memory bounded) instead of gathering two 512-vectors per pair: IJB-C's 15.7M pairs cost
 ~23k x 23k / 2 dot products at BLAS speed, in float32 by default (same TAR@FAR table as
 eval_ijbc.py's float64 scores on IJB-C-sized data; `precision="float64"` for scores within 1e-12).
+The module runs over 450 lines because reading, validating, embedding, pooling and scoring are one
+pipeline around the IjbMeta record; split, each part would need the others' private checks.
 """
 from __future__ import annotations
 
