@@ -97,7 +97,8 @@ def _cmd_export(args) -> None:
     report = export_run(args.model, args.out, arch=args.arch, embedding_size=args.embedding_size, threshold=threshold,
                         threshold_provenance=provenance, head=args.head, bias=args.bias,
                         variants=[v for v in args.variants.split(",") if v], opset=args.opset,
-                        parity_bin=args.parity_bin, parity_images=args.parity_images)
+                        parity_bin=args.parity_bin, parity_images=args.parity_images,
+                        calib_images=args.calib_images, calib_limit=args.calib_limit)
     print(report.summary())
 
 
@@ -314,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--embedding-size", type=int, default=512)
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--variants", default="",
-                   help="also write these, as OUT_FOLDER/variants/<name>.fp16.onnx / .int8.onnx: fp16,int8")
+                   help="also write these, as OUT_FOLDER/variants/<name>.<variant>.onnx: fp16,int8,int8-static")
+    x.add_argument("--calib-images", help="int8-static: aligned face crops (a folder, searched recursively, or a .bin)")
+    x.add_argument("--calib-limit", type=int, default=256, help="int8-static: at most this many calibration faces")
     x.add_argument("--parity-bin", help="verification .bin whose first images join the parity check")
     x.add_argument("--parity-images", type=int, default=32)
     x.add_argument("--head", help="training head, recorded in the metadata")
