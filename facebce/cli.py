@@ -38,21 +38,17 @@ def _cmd_calibrate(args) -> None:
     cal = calibrate(_model_spec(args), _protocol_sets(args.sets), target_far=args.target_far, on=args.on,
                     pooled=args.pooled, replicates=args.bootstrap, seed=args.seed, flip=not args.no_flip,
                     cache_dir=args.cache, protocol_paths=args.protocols, out=args.out)
-    out = Path(args.out)
-    print(drift_markdown(cal) + f"\n\ncalibration written to {out} (drift report {out.with_suffix('.md')}, plot "
-          f"{out.with_suffix('.png')}); use it with --threshold calibrated:{out}")
+    print(drift_markdown(cal) + f"\n\ncalibration written to {cal.path} (drift report {cal.path.with_suffix('.md')}, "
+          f"plot {cal.path.with_suffix('.png')}); use it with --threshold calibrated:{cal.path}")
 
 
 def _protocol_sets(items) -> list[tuple[str, str]]:
-    sets = []
     for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
+        if not all(item.partition("=")):
             raise FacebceError(f"{item!r}: expected PROTOCOL=PATH, e.g. lfw=data/lfw.bin")
-        sets.append((name, path))
-    if not sets:
+    if not items:
         raise FacebceError("no evaluation sets given: add PROTOCOL=PATH arguments (see facebce eval --list)")
-    return sets
+    return [tuple(item.partition("=")[::2]) for item in items]
 
 
 def _cmd_models(args) -> None:
@@ -119,13 +115,15 @@ def _cmd_export(args) -> None:
     report = export_run(args.model, args.out, arch=args.arch, embedding_size=args.embedding_size, threshold=threshold,
                         threshold_provenance=provenance, head=args.head, bias=args.bias,
                         variants=[v for v in args.variants.split(",") if v], opset=args.opset,
-                        parity_bin=args.parity_bin, parity_images=args.parity_images)
+                        parity_bin=args.parity_bin, parity_images=args.parity_images,
+                        calib_images=args.calib_images, calib_limit=args.calib_limit)
     print(report.summary())
 
 
 def _cmd_gallery(args) -> None:
     from facebce.deploy import enrol
-    from facebce.deploy.gallery import escape_name, open_gallery
+    from facebce.deploy.gallery import escape_name
+    from facebce.deploy.stores import open_gallery
     from facebce.eval.calibrate import verified_threshold
     inputs, action = args.inputs, args.action
     if action == "info":
@@ -363,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--embedding-size", type=int, default=512)
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--variants", default="",
-                   help="also write these, as OUT_FOLDER/variants/<name>.fp16.onnx / .int8.onnx: fp16,int8")
+                   help="also write these, as OUT_FOLDER/variants/<name>.<variant>.onnx: fp16,int8,int8-static")
+    x.add_argument("--calib-images", help="int8-static: aligned face crops (a folder, searched recursively, or a .bin)")
+    x.add_argument("--calib-limit", type=int, default=256, help="int8-static: at most this many calibration faces")
     x.add_argument("--parity-bin", help="verification .bin whose first images join the parity check")
     x.add_argument("--parity-images", type=int, default=32)
     x.add_argument("--head", help="training head, recorded in the metadata")

@@ -14,7 +14,8 @@ from typing import Sequence
 import numpy as np
 
 from facebce.data.image_folder import scan_image_folder
-from facebce.deploy.gallery import SearchResult, choose_index, escape_name, open_gallery, resolve_threshold
+from facebce.deploy.gallery import SearchResult, choose_index, escape_name, resolve_threshold
+from facebce.deploy.stores import open_gallery
 from facebce.errors import DataFormatError, FacebceError
 from facebce.fileio import read_bgr
 

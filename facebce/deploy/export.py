@@ -19,6 +19,9 @@ recognition model, the fp32 one.
 Nothing is written unless every requested file passes its parity check against torch eager: files
 are built in a scratch folder and only then published, each through facebce.fileio's atomic
 writes (normal umask permissions, fsynced, renamed into place).
+
+The module runs over 450 lines: the fp32 export, its variants (fp16, dynamic and static int8)
+and their parity checks are one transaction that writes nothing unless every file passes.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ from torch import nn
 
 from facebce import __version__
 from facebce.data.transforms import INPUT_MEAN, INPUT_STD
-from facebce.errors import ModelError
+from facebce.errors import FacebceError, ModelError
 from facebce.fileio import atomic_open, atomic_write_text
 from facebce.models.embedder import (META_LEARNED_THRESHOLD, META_THRESHOLD, OnnxEmbedder, Preprocess, TorchEmbedder,
                                      insightface_preprocess)
@@ -54,8 +57,8 @@ INPUT_NAME = "data"
 OUTPUT_NAME = "embedding"
 # Per-sample cosine vs torch eager that each file must reach: fp32 is the §7 parity rule; the
 # reduced-precision variants are approximations, held to what a correct conversion reaches.
-MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.95}
-VARIANTS = ("fp16", "int8")
+MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.95, "int8-static": 0.95}
+VARIANTS = ("fp16", "int8", "int8-static")  # int8-static: facebce.deploy.quantize, needs calibration faces
 VARIANTS_DIR = "variants"  # beside the fp32 model: insightface's folder glob (*.onnx) never sees them
 # metadata keys of the thresholds (module docstring)
 META_LEARNED_KIND = "learned_threshold_kind"
@@ -185,7 +188,8 @@ def pair_threshold_metadata(value: float, provenance: Mapping[str, object] | Non
 def export_onnx(backbone: nn.Module, out_path: str | os.PathLike, *, opset: int = 17,
                 metadata: Mapping[str, object] | None = None, parity_images: np.ndarray | None = None,
                 check: bool = True, dynamic_batch: bool = True, variants: Sequence[str] = (),
-                threshold_provenance: Mapping[str, object] | None = None) -> ExportReport:
+                threshold_provenance: Mapping[str, object] | None = None,
+                calib_images: np.ndarray | None = None) -> ExportReport:
     """Export `backbone` (left untouched: a CPU copy is exported) to `out_path`, plus `variants`
     ('fp16': fp16 weights with fp32 I/O; 'int8': dynamic int8 quantisation) as
     `variants/<stem>.fp16.onnx` / `variants/<stem>.int8.onnx` beside it (`variant_path`), and the
@@ -195,6 +199,7 @@ def export_onnx(backbone: nn.Module, out_path: str | os.PathLike, *, opset: int 
     b/γ, recorded with learned_threshold_kind "class_centre") and threshold (a PAIR threshold; its
     provenance is `threshold_provenance`, see `pair_threshold_metadata`; None: the user's).
     `parity_images` are aligned uint8 N x S x S x 3 BGR crops, checked along with random images.
+    `calib_images` (same form, `facebce.deploy.quantize.calibration_images`) calibrate 'int8-static'.
     Raises ModelError (leaving no file) when a file misses its `MIN_COSINE`.
     """
     out = Path(out_path)
@@ -212,7 +217,7 @@ def export_onnx(backbone: nn.Module, out_path: str | os.PathLike, *, opset: int 
         temps = {name: Path(scratch) / f"{name}.onnx" for name in paths}
         _export_fp32(model, temps["fp32"], opset, dynamic_batch, side, props)
         for name in variants:
-            _convert(temps["fp32"], temps[name], name)
+            _convert(temps["fp32"], temps[name], name, calib_images)
         images = _parity_inputs(parity_images, side) if check else None
         reference = TorchEmbedder(model, normalize=False).embed(images) if check else None
         reports = {name: _variant_report(name, temps[name], paths[name], reference, images) for name in paths}
@@ -230,7 +235,8 @@ def export_run(model: str | os.PathLike, out_path: str | os.PathLike, *, arch: s
                embedding_size: int = 512, threshold: float | None = None,
                threshold_provenance: Mapping[str, object] | None = None, head: str | None = None,
                bias: float | None = None, variants: Sequence[str] = (), opset: int = 17,
-               parity_bin: str | os.PathLike | None = None, parity_images: int = 32) -> ExportReport:
+               parity_bin: str | os.PathLike | None = None, parity_images: int = 32,
+               calib_images: str | os.PathLike | None = None, calib_limit: int = 256) -> ExportReport:
     """Export a facebce training run folder (or an insightface-layout `.pth` with `arch`) with its
     metadata: what `facebce export MODEL OUT` does.
 
@@ -238,7 +244,8 @@ def export_run(model: str | os.PathLike, out_path: str | os.PathLike, *, arch: s
     (recorded as `learned_threshold`, never as the pair threshold). `threshold` is a pair threshold
     given by the user (or, with `threshold_provenance`, calibrated); without one, the model has no
     `threshold` metadata. `head`/`bias` override the card's. `parity_bin`: a verification .bin whose
-    first `parity_images` images join the parity check.
+    first `parity_images` images join the parity check. `calib_images`: aligned faces (a folder or
+    a .bin, at most `calib_limit`) that calibrate the 'int8-static' variant.
     """
     from facebce.eval.model_loading import ModelSpec, read_model_card
 
@@ -255,8 +262,12 @@ def export_run(model: str | os.PathLike, out_path: str | os.PathLike, *, arch: s
     metadata = {k: v for k, v in metadata.items() if v is not None}
     if threshold is None and threshold_provenance is not None:
         raise ModelError("threshold provenance given without a threshold")
+    calib = None
+    if calib_images is not None and "int8-static" in _checked_variants(variants):
+        from facebce.deploy.quantize import calibration_images
+        calib = calibration_images(calib_images, limit=calib_limit)
     return export_onnx(backbone, out_path, opset=opset, metadata=metadata, parity_images=parity,
-                       variants=variants, threshold_provenance=threshold_provenance)
+                       variants=variants, threshold_provenance=threshold_provenance, calib_images=calib)
 
 
 def _checked_variants(variants: Sequence[str]) -> list[str]:
@@ -355,11 +366,14 @@ def _check_insightface_view(proto: onnx.ModelProto, path: Path) -> None:
                          f"rename them (normalisation happens outside the graph)")
 
 
-def convert_variant(src: str | os.PathLike, dst: str | os.PathLike, kind: str) -> Path:
+def convert_variant(src: str | os.PathLike, dst: str | os.PathLike, kind: str, *,
+                    calib_images: np.ndarray | None = None, preprocess: Preprocess | None = None) -> Path:
     """Write the `kind` variant of the fp32 ONNX model `src` to `dst` and return `dst`.
 
     kind 'fp16': fp16 weights and compute, fp32 input and output; 'int8': dynamic int8 quantisation
-    (weights int8 offline, activations quantised per run; no calibration data). Works on any fp32
+    (weights int8 offline, activations quantised per run; no calibration data); 'int8-static':
+    QDQ int8 with activation ranges calibrated on `calib_images` (aligned uint8 BGR crops) through
+    `preprocess` (None: the model's facebce metadata), see facebce.deploy.quantize. Works on any fp32
     ONNX model, facebce's exports and foreign ones alike (fixed or symbolic batch, opset >= 11);
     metadata_props are kept. The file is built in a scratch folder beside `dst`, then written atomically
     (facebce.fileio), so `dst` is never half-written and is left as it was on failure. `src` may equal `dst`.
@@ -373,14 +387,23 @@ def convert_variant(src: str | os.PathLike, dst: str | os.PathLike, kind: str) -
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as scratch:
         built = Path(scratch) / "variant.onnx"
-        _convert(src, built, kind)
+        _convert(src, built, kind, calib_images, preprocess)
         _publish(built, dst)
     return dst
 
 
-def _convert(src: Path, dst: Path, kind: str) -> None:
+def _convert(src: Path, dst: Path, kind: str, calib_images: np.ndarray | None = None,
+             preprocess: Preprocess | None = None) -> None:
+    if kind == "int8-static" and calib_images is None:
+        raise ModelError("int8-static needs calibration images (aligned faces: --calib-images DIR or .bin)")
     try:
-        _CONVERTERS[kind](src, dst)
+        if kind == "int8-static":
+            from facebce.deploy.quantize import quantize_static_int8
+            quantize_static_int8(src, dst, calib_images, preprocess)
+        else:
+            _CONVERTERS[kind](src, dst)
+    except FacebceError:
+        raise
     except Exception as e:  # onnx / onnxruntime raise their own types for models they cannot convert
         raise ModelError(f"{src}: {kind} conversion failed ({type(e).__name__}: {e})") from e
 

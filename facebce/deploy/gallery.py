@@ -9,16 +9,16 @@ Two layers:
   'flat' (exact, default), 'ivf' (inverted lists of full vectors), 'ivfpq' and 'opq' (inverted
   lists of product-quantised codes, OPQ with a learned rotation first: a few dozen bytes a vector),
   'hnsw' (graph). IVF types are trained on (a sample of) the first batch added.
-- `open_gallery(spec)`: a durable store named by a path (FAISS on local disk, `store.FaissStore`:
-  write-ahead journal, checkpoints, a file lock for writers) or by a URI, `milvus://HOST:PORT/COLL`
-  or `milvus+lite://PATH.db/COLL` (`milvus_store.MilvusStore`). Both offer the same calls: add,
-  remove, rename, search, set_threshold, identities, entry, info, len, refresh, close.
+- the durable stores that keep it (`facebce.deploy.stores.open_gallery(spec)`, which this module
+  does not import: the stores build on `Gallery`, not the other way round).
+
+This module is over 450 lines because the in-memory gallery is one object: five FAISS index types,
+two enrolment modes and the BLAS fast path share its private id/identity tables.
 """
 from __future__ import annotations
 
 import math
 import numbers
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +30,7 @@ from facebce.errors import DataFormatError, FacebceError
 from facebce.fileio import unit_rows
 
 __all__ = ["GALLERY_VERSION", "INDEX_TYPES", "MODES", "Gallery", "Match", "SearchResult", "choose_index",
-           "escape_name", "is_uri", "open_gallery", "recall_against_exact", "resolve_threshold"]
+           "escape_name", "recall_against_exact", "resolve_threshold"]
 
 GALLERY_FORMAT = "facebce-gallery"
 GALLERY_VERSION = 2  # 1: index + sidecar saved whole; 2: + journal, sequence numbers and a sidecar checksum
@@ -123,7 +123,7 @@ class Gallery:
     vector (divides dim). HNSW: `hnsw_m`, `ef_construction`, `ef_search`; HNSW cannot delete:
     `remove` rebuilds it from the stored vectors. `use_gpu=None` searches on GPU when FAISS sees one.
     `save`/`load` write and read the FAISS store's files (a checkpoint and an empty journal) under
-    the store's lock; for a gallery several processes change, use `open_gallery`.
+    the store's lock; for a gallery several processes change, use `stores.open_gallery`.
     """
 
     def __init__(self, dim: int, *, index_type: str = "flat", mode: str = "all", threshold: float | None = None,
@@ -485,45 +485,6 @@ class Gallery:
         """What `Gallery(**settings)` needs to make an empty gallery like this one."""
         return {"dim": self.dim, "index_type": self.index_type, "mode": self.mode, "threshold": self.threshold,
                 **{k: v for k, v in self.options.items()}}
-
-    # ---- files (the FAISS store's checkpoint format) --------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        """Write this gallery to `path` as a FAISS store (index, sidecar, empty journal), replacing what
-        is there, under the store's writers' lock."""
-        from facebce.deploy.store import FaissStore
-        FaissStore.write_gallery(path, self)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, dim: int | None = None, use_gpu: bool | None = None) -> Gallery:
-        """Read the gallery a FAISS store at `path` holds now (checkpoint + journal), checking `dim`."""
-        from facebce.deploy.store import FaissStore
-        with FaissStore(path, dim=dim, use_gpu=use_gpu) as store:
-            return store.gallery
-
-
-def open_gallery(spec: str | os.PathLike, *, dim: int | None = None, create: bool | dict = False,
-                 threshold: float | None = None, lock_timeout: float = 30.0, **options):
-    """Open (or with `create`, make) the gallery store named by `spec`.
-
-    `spec`: a path (FAISS on local disk, the default) or `milvus://HOST:PORT/COLLECTION` or
-    `milvus+lite://PATH.db/COLLECTION`. `dim`: checked against the gallery (required to create).
-    `create=True` (or a dict of Gallery options: index_type, mode, nlist, nprobe, pq_m, ...) makes a
-    new gallery and refuses when one exists. `threshold`: stored when creating; for an existing
-    gallery it is an error to pass one that differs (use `set_threshold`). `lock_timeout`: seconds a
-    writer waits for another writer's lock. Every mutation is durable when its call returns; searches
-    see the latest committed state (a FAISS store checks its journal before each search).
-    """
-    opts = dict(create) if isinstance(create, dict) else {}
-    opts.update(options)
-    if is_uri(spec):
-        from facebce.deploy.milvus_store import MilvusStore
-        return MilvusStore(str(spec), dim=dim, create=bool(create), threshold=threshold, **opts)
-    from facebce.deploy.store import FaissStore
-    return FaissStore(spec, dim=dim, create=bool(create), threshold=threshold, lock_timeout=lock_timeout, **opts)
-
-
-def is_uri(spec) -> bool:
-    return isinstance(spec, str) and spec.startswith(("milvus://", "milvus+lite://"))
 
 
 def resolve_threshold(value, model=None) -> tuple[float, str]:

@@ -1,5 +1,8 @@
 """The embedded gallery store: FAISS on local disk, durable and safe with several processes.
 
+This module is over 450 lines because the journal replay, the checkpoint steps and the writers' lock
+are one crash-consistency protocol whose steps have to be read (and changed) together.
+
 Files beside `PATH` (the gallery's name):
 - `PATH.wal`  the journal (write-ahead log, `journal.py`): every mutation (add, remove, rename,
   set threshold, import) is appended as one checksummed record and fsynced before the call returns.
@@ -147,7 +150,7 @@ def _sidecar_digest(meta: dict) -> str:
 
 class FaissStore:
     """A FAISS gallery on local disk (module docstring). The public calls are those of
-    `facebce.deploy.gallery.open_gallery`'s result; `gallery` is the in-memory Gallery (current as of
+    `facebce.deploy.stores.open_gallery`'s result; `gallery` is the in-memory Gallery (current as of
     the last call). Thread-safe: calls on one store object are serialized."""
 
     backend = "faiss"
@@ -371,7 +374,7 @@ class FaissStore:
 
     @classmethod
     def write_gallery(cls, path: str | os.PathLike, gallery: Gallery) -> None:
-        """Replace whatever is at `path` by a store holding `gallery` (Gallery.save)."""
+        """Replace whatever is at `path` by a store holding `gallery` (stores.save_gallery)."""
         store = cls.__new__(cls)
         store.path = Path(path)
         store.sidecar_path = store.path.with_name(store.path.name + ".json")

@@ -297,7 +297,8 @@ def _floats(text, name: str):
 
 def _open_store(config: ServeConfig, dim: int, embedder, log):
     """Open the gallery store, creating it (at the given or the model's threshold) when it is missing."""
-    from facebce.deploy.gallery import is_uri, open_gallery, resolve_threshold
+    from facebce.deploy.gallery import resolve_threshold
+    from facebce.deploy.stores import is_uri, open_gallery
 
     try:
         store = open_gallery(config.gallery, dim=dim)

@@ -45,7 +45,7 @@ from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, 
                                      ProgressBar, Verification, write_json_atomic)
 from facebce.train.config import TrainConfig, load_config, save_config
 from facebce.train.loader import (SeededSamples, ShardedBatchSampler, batch_collate, batches_per_epoch, build_datasets,
-                                  raise_worker_errors)
+                                  normalise_batch, raise_worker_errors)
 
 
 class TrainingDiverged(FacebceError):
@@ -175,7 +175,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.dataset, self.val_dataset = build_datasets(cfg.data)
         self.num_classes = int(self.dataset.num_classes)
-        self.samples = SeededSamples(self.dataset, cfg.seed)
+        self.samples = SeededSamples(self.dataset, cfg.seed, uint8=True)  # normalised on the device: normalise_batch
         b, w, accum = cfg.data.batch_size, self.world_size, cfg.optim.grad_accum
         self.micro_per_epoch = batches_per_epoch(len(self.dataset), b, w)
         if self.micro_per_epoch == 0:
@@ -306,8 +306,12 @@ class Trainer:
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, frozen: bool, sync: bool) -> None:
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8 and self.samples.uint8_batches:
+            images = normalise_batch(images)  # bit-identical to normalising in the workers
         if self.cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
+        else:
+            images = images.contiguous()
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
                     else contextlib.nullcontext())

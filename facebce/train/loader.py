@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from facebce.data import ImageFolderDataset, RecDataset, SyntheticFaceDataset, SyntheticFaces
-from facebce.data.transforms import decode_image, random_hflip, to_batch, train_transform
+from facebce.data.transforms import INPUT_MEAN, INPUT_STD, decode_image, random_hflip, to_batch, train_transform
 from facebce.errors import FacebceError
 from facebce.train.config import DataConfig
 
@@ -123,10 +123,16 @@ class CachedImages(Dataset):
 
 class SeededSamples(Dataset):
     """Indexed by (epoch, i): runs `ds[i]` with torch's CPU RNG seeded from (seed, epoch, i), restoring
-    the caller's RNG afterwards, so augmentation is a pure function of the sample and the epoch."""
+    the caller's RNG afterwards, so augmentation is a pure function of the sample and the epoch.
 
-    def __init__(self, ds: Dataset, seed: int):
-        self.ds, self.seed = ds, seed
+    `uint8=True` makes whole batches (`__getitems__`, facebce's own training transform) uint8 RGB
+    N x H x W x 3 - decoded and flipped, not normalised: a quarter of the bytes through the
+    workers' shared memory (and host -> GPU); `normalise_batch` on the device then gives bit for
+    bit the float batch the samples would have given (`uint8_batches` says whether batches are raw).
+    """
+
+    def __init__(self, ds: Dataset, seed: int, *, uint8: bool = False):
+        self.ds, self.seed, self.uint8 = ds, seed, bool(uint8)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -135,6 +141,15 @@ class SeededSamples(Dataset):
         epoch, i = key
         with self._seeded(epoch, i):
             return self.ds[i]
+
+    @property
+    def fast(self) -> bool:
+        """Whether batches take the decode-flip-into-one-buffer path (facebce's own training transform)."""
+        return getattr(self.ds, "transform", None) is train_transform and hasattr(self.ds, "decoded")
+
+    @property
+    def uint8_batches(self) -> bool:
+        return self.uint8 and self.fast
 
     def __getitems__(self, keys: list[tuple[int, int]]):
         """`_batch(keys)`; in a DataLoader worker a FacebceError (a bad record) comes back as a
@@ -151,8 +166,9 @@ class SeededSamples(Dataset):
         """A whole batch (images N x 3 x H x W, int64 labels), what `batch_collate` passes on. With
         facebce's own training transform the samples are decoded, flipped (the same seeded draw as
         `ds[i]` makes) and normalised straight into one batch buffer: bit-identical to collating
-        `self[key]`, without a tensor per sample or the copy collation makes."""
-        if getattr(self.ds, "transform", None) is not train_transform or not hasattr(self.ds, "decoded"):
+        `self[key]`, without a tensor per sample or the copy collation makes (uint8: the flipped
+        pixels, N x H x W x 3, for `normalise_batch`)."""
+        if not self.fast:
             return default_collate([self[key] for key in keys])
         images, labels = [], []
         for (epoch, i), seed in zip(keys, sample_seeds(self.seed, keys)):
@@ -160,7 +176,9 @@ class SeededSamples(Dataset):
                 img, label = self.ds.decoded(i)
                 images.append(random_hflip(img))  # train_transform's one draw
             labels.append(label)
-        return to_batch(images, shared=get_worker_info() is not None), torch.tensor(labels, dtype=torch.int64)
+        shared = get_worker_info() is not None
+        batch = _uint8_batch(images, shared) if self.uint8 else to_batch(images, shared=shared)
+        return batch, torch.tensor(labels, dtype=torch.int64)
 
     def _seeded(self, epoch: int, i: int):
         return _CpuSeed(sample_seeds(self.seed, [(epoch, i)])[0])
@@ -220,6 +238,29 @@ class _CpuSeed:
 
     def __exit__(self, *exc):
         torch.set_rng_state(self.state)
+
+
+def _uint8_batch(images, shared: bool) -> torch.Tensor:
+    """N HxWx3 uint8 images (views welcome) copied into one N x H x W x 3 uint8 batch."""
+    n, shape = len(images), tuple(images[0].shape)
+    if shared:  # a DataLoader worker's batch crosses to the main process without a copy (as to_batch)
+        empty = torch.empty(0, dtype=torch.uint8)
+        out = empty.new(empty._typed_storage()._new_shared(n * int(np.prod(shape)), device="cpu")).resize_(n, *shape)
+    else:
+        out = torch.empty((n, *shape), dtype=torch.uint8)
+    a = out.numpy()
+    for k, img in enumerate(images):
+        a[k] = img
+    return out
+
+
+def normalise_batch(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x H x W x 3 RGB -> float32 N x 3 x H x W in [-1, 1], on the tensor's own device (the
+    batch crosses to a GPU as uint8, 4x fewer bytes). Cast, subtract 127.5, divide by 127.5: the
+    float32 operations `to_batch` does, so the result is bit-identical. The float batch keeps the
+    pixels' channels-last memory order (torch's channels_last), which channels_last models want."""
+    x = images.permute(0, 3, 1, 2).to(torch.float32)
+    return x.sub_(INPUT_MEAN).div_(INPUT_STD)
 
 
 class WorkerError:

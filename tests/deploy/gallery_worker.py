@@ -35,7 +35,7 @@ def writer(path: str, prefix: str, first: int, last: int, seed: int, checkpoint_
 
 
 def reader(path: str, seconds: float, seed: int) -> None:
-    from facebce.deploy.gallery import open_gallery
+    from facebce.deploy.stores import open_gallery
     store = open_gallery(path)
     print("ready", flush=True)
     probe = np.ones((1, DIM), np.float32)

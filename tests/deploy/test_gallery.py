@@ -10,6 +10,7 @@ import pytest
 
 from facebce.deploy import Gallery, OnnxEmbedder, open_gallery, recall_against_exact
 from facebce.deploy.gallery import EXACT_TYPES
+from facebce.deploy.stores import load_gallery, save_gallery
 from facebce.errors import DataFormatError, FacebceError
 from facebce.eval.identification import open_set_identification, operating_point
 from facebce.models.embedder import Preprocess
@@ -62,8 +63,8 @@ def test_add_remove_search_save_load(tmp_path, enrolled, index_type):
     assert len(g) == 120 - len(removed) + 1
     assert not set(g.search(x[:3], k=10)[2].matches[i].identity for i in range(10)) & {who}
 
-    g.save(tmp_path / "g.faiss")
-    h = Gallery.load(tmp_path / "g.faiss", dim=DIM)
+    save_gallery(g, tmp_path / "g.faiss")
+    h = load_gallery(tmp_path / "g.faiss", dim=DIM)
     assert h.info() == g.info() and h.ids.tolist() == g.ids.tolist()
     kept = next(i for i in range(120) if i not in removed)
     assert h.entry(kept) == {"id": kept, "identity": names[kept], "source": sources[kept]}
@@ -79,8 +80,8 @@ def test_mean_templates(tmp_path, enrolled):
     g = Gallery(DIM, mode="mean", threshold=0.5)
     half = 60
     g.add(x[:half], names[:half])
-    g.save(tmp_path / "m.faiss")
-    g = Gallery.load(tmp_path / "m.faiss")
+    save_gallery(g, tmp_path / "m.faiss")
+    g = load_gallery(tmp_path / "m.faiss")
     g.add(x[half:], names[half:])  # updates existing templates, keeps their ids
     one_shot = Gallery(DIM, mode="mean")
     one_shot.add(x, names)
@@ -182,30 +183,30 @@ def test_crash_before_the_renames_keeps_the_previous_gallery(tmp_path, enrolled,
     x, names, _ = enrolled
     g = Gallery(DIM, threshold=0.5)
     g.add(x[:50], names[:50])
-    g.save(tmp_path / "g.faiss")
+    save_gallery(g, tmp_path / "g.faiss")
     g.add(x[50:], names[50:])
     _crash_on_replace(monkeypatch, call=call)
     with pytest.raises(KeyboardInterrupt):
-        g.save(tmp_path / "g.faiss")
+        save_gallery(g, tmp_path / "g.faiss")
     monkeypatch.undo()
-    assert len(Gallery.load(tmp_path / "g.faiss")) == 50
+    assert len(load_gallery(tmp_path / "g.faiss")) == 50
 
 
 def test_crash_between_the_renames_is_finished_on_load(tmp_path, enrolled, monkeypatch):
     x, names, _ = enrolled
     g = Gallery(DIM, threshold=0.5)
     g.add(x[:50], names[:50])
-    g.save(tmp_path / "g.faiss")
+    save_gallery(g, tmp_path / "g.faiss")
     g.add(x[50:], names[50:])
     _crash_on_replace(monkeypatch, call=3)  # pending sidecar and index renamed, sidecar not
     with pytest.raises(KeyboardInterrupt):
-        g.save(tmp_path / "g.faiss")
+        save_gallery(g, tmp_path / "g.faiss")
     monkeypatch.undo()
-    assert len(Gallery.load(tmp_path / "g.faiss")) == 120  # a reader uses the pending sidecar
+    assert len(load_gallery(tmp_path / "g.faiss")) == 120  # a reader uses the pending sidecar
     assert (tmp_path / "g.faiss.json.next").exists()  # ... and leaves the files alone
     with open_gallery(tmp_path / "g.faiss") as store:  # a writer finishes the checkpoint
         store.set_threshold(0.6)
-    assert not (tmp_path / "g.faiss.json.next").exists() and len(Gallery.load(tmp_path / "g.faiss")) == 120
+    assert not (tmp_path / "g.faiss.json.next").exists() and len(load_gallery(tmp_path / "g.faiss")) == 120
 
 
 def test_index_and_sidecar_that_do_not_match(tmp_path, enrolled):
@@ -213,10 +214,10 @@ def test_index_and_sidecar_that_do_not_match(tmp_path, enrolled):
     for n, name in ((50, "a.faiss"), (60, "b.faiss")):
         g = Gallery(DIM)
         g.add(x[:n], names[:n])
-        g.save(tmp_path / name)
+        save_gallery(g, tmp_path / name)
     os.replace(tmp_path / "b.faiss", tmp_path / "a.faiss")
     with pytest.raises(DataFormatError, match=r"a\.faiss: index file does not match a\.faiss\.json"):
-        Gallery.load(tmp_path / "a.faiss")
+        load_gallery(tmp_path / "a.faiss")
 
 
 # ---- bad input --------------------------------------------------------------------------------------
@@ -265,41 +266,41 @@ def test_corrupt_files(tmp_path, enrolled):
     g = Gallery(DIM)
     g.add(x, names)
     path = tmp_path / "g.faiss"
-    g.save(path)
+    save_gallery(g, path)
     sidecar = tmp_path / "g.faiss.json"
     meta = json.loads(sidecar.read_text())
     with pytest.raises(DataFormatError, match=rf"g\.faiss: gallery embeddings are {DIM}-d, the model gives 512-d"):
-        Gallery.load(path, dim=512)
+        load_gallery(path, dim=512)
 
     sidecar.write_text(json.dumps({**meta, "threshold": 0.1}))  # edited without its checksum
     with pytest.raises(DataFormatError, match=r"g\.faiss\.json: sidecar checksum mismatch"):
-        Gallery.load(path)
+        load_gallery(path)
     _resign(sidecar, {**meta, "version": 99})
     with pytest.raises(DataFormatError, match=r"g\.faiss\.json: gallery version 99; this facebce reads 1 and 2"):
-        Gallery.load(path)
+        load_gallery(path)
     _resign(sidecar, {k: v for k, v in meta.items() if k != "nprobe"})
     with pytest.raises(DataFormatError, match=r"g\.faiss\.json: malformed gallery sidecar \(KeyError"):
-        Gallery.load(path)
+        load_gallery(path)
     _resign(sidecar, {**meta, "entries": meta["entries"][:-1]})
     with pytest.raises(DataFormatError, match=r"sidecar count 120 but 119 entries"):
-        Gallery.load(path)
+        load_gallery(path)
     _resign(sidecar, {**meta, "entries": meta["entries"][:-1], "count": 119})
     with pytest.raises(DataFormatError, match=r"index holds 120 x 32-d vectors but g\.faiss\.json lists 119"):
-        Gallery.load(path)
+        load_gallery(path)
     dup = [*meta["entries"][:-1], {**meta["entries"][-1], "id": 3}]
     _resign(sidecar, {**meta, "entries": dup})
     with pytest.raises(DataFormatError, match=r"g\.faiss\.json: entry #119: duplicate id 3"):
-        Gallery.load(path)
+        load_gallery(path)
     moved = [*meta["entries"][:-1], {**meta["entries"][-1], "id": 500}]
     _resign(sidecar, {**meta, "entries": moved, "next_id": 501})
     with pytest.raises(DataFormatError, match=r"g\.faiss: id 119 is in the index but not in g\.faiss\.json"):
-        Gallery.load(path)
+        load_gallery(path)
     _resign(sidecar, {**meta, "next_id": 100})  # a stale next_id would hand out ids 100.. again
     with pytest.raises(DataFormatError, match=r"g\.faiss\.json: next_id 100 would reuse id 119"):
-        Gallery.load(path)
+        load_gallery(path)
     sidecar.write_text("{not json")
     with pytest.raises(DataFormatError, match=r"g\.faiss\.json: gallery sidecar is not valid JSON"):
-        Gallery.load(path)
+        load_gallery(path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(DataFormatError, match=r"not valid JSON"):  # a writer refuses too ...
         open_gallery(path).add(x[:1], ["a"])
@@ -309,10 +310,10 @@ def test_corrupt_files(tmp_path, enrolled):
     data[100] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DataFormatError, match=r"g\.faiss: index file does not match"):
-        Gallery.load(path)
+        load_gallery(path)
     path.unlink()
     with pytest.raises(DataFormatError, match=r"g\.faiss: cannot read the gallery index"):
-        Gallery.load(path)
+        load_gallery(path)
 
 
 # ---- real faces ---------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 
 from facebce.cli import main
 from facebce.deploy.enrol import migrate
-from facebce.deploy.gallery import open_gallery
+from facebce.deploy.stores import open_gallery
 from facebce.models.embedder import OnnxEmbedder, Preprocess
 
 pytest.importorskip("pymilvus", reason="Milvus galleries need the [milvus] extra (pymilvus)")

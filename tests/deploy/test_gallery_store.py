@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facebce.deploy.gallery import Gallery, escape_name, open_gallery, resolve_threshold
+from facebce.deploy.gallery import Gallery, escape_name, resolve_threshold
+from facebce.deploy.stores import load_gallery, open_gallery
 from facebce.deploy.journal import read_journal
 from facebce.deploy.store import FaissStore, GalleryLockTimeout
 from facebce.errors import DataFormatError, FacebceError
@@ -75,7 +76,7 @@ def test_kill_9_during_add_keeps_every_acknowledged_batch(tmp_path):
             expected[f"b{i}"] = len(batch("b", i, SEED)[1])
         tally["acknowledged"] += len(returned)
         in_flight = next_batch + len(returned)
-        g = Gallery.load(path)
+        g = load_gallery(path)
         counts = _counts(g)
         size = len(batch("b", in_flight, SEED)[1])
         got = counts.pop(f"b{in_flight}", 0)
@@ -85,7 +86,7 @@ def test_kill_9_during_add_keeps_every_acknowledged_batch(tmp_path):
             expected[f"b{in_flight}"] = size
         assert counts == {k: v for k, v in expected.items() if k != f"b{in_flight}"}
         next_batch = in_flight + 1
-    g = Gallery.load(path)
+    g = load_gallery(path)
     for name in list(expected)[-20:]:  # the stored vectors are the ones added, exactly
         i = int(name[1:])
         x, _, sources = batch("b", i, SEED)
@@ -115,7 +116,7 @@ def test_concurrent_writers_lose_nothing_while_a_reader_searches(tmp_path, write
     searches, errors, torn = int(summary[1]), int(summary[3]), int(summary[5])
     print(f"\n{writers} writers x 50 adds; reader: {searches} searches, {errors} errors, {torn} torn states")
     assert errors == 0 and torn == 0 and searches > 0, out.decode()[-800:]
-    g = Gallery.load(path)
+    g = load_gallery(path)
     want = {f"w{k}_{i}": len(batch(f"w{k}_", i, SEED)[1]) for k in range(writers) for i in range(50)}
     assert _counts(g) == want  # every batch present exactly once
     assert len(g) == sum(want.values()) == len(set(g.ids.tolist()))
@@ -146,14 +147,14 @@ def test_torn_journal_tail_is_cut_with_one_warning(tmp_path, capsys):
     good = wal.read_bytes()
     with open(wal, "ab") as f:  # the first 30 bytes of the next record: a crash mid-append
         f.write(good[-30:] if len(good) > 60 else b"\x01" * 30)
-    assert len(Gallery.load(path)) == 3  # a reader stops before it and leaves the file alone
+    assert len(load_gallery(path)) == 3  # a reader stops before it and leaves the file alone
     assert wal.stat().st_size == len(good) + 30
     with open_gallery(path) as store:
         store.add(np.eye(4)[3:], ["d"])  # a writer cuts it off, then appends
         assert store.identities == ["a", "b", "c", "d"]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "g.faiss.wal: record 3 (byte" in err[0] and "cut off" in err[0]
-    assert len(Gallery.load(path)) == 4
+    assert len(load_gallery(path)) == 4
     assert [r.seq for r in read_journal(wal).records] == [1, 2, 3]
 
 
@@ -169,7 +170,7 @@ def test_damage_inside_the_journal_is_an_error_and_nothing_is_written(tmp_path):
     wal.write_bytes(bytes(data))
     before = _files(tmp_path)
     with pytest.raises(DataFormatError, match=r"g\.faiss\.wal: record 1 \(byte 32\): checksum mismatch"):
-        Gallery.load(path)
+        load_gallery(path)
     with pytest.raises(DataFormatError, match=r"record 1 .*checksum mismatch"):
         open_gallery(path).add(np.eye(4)[3:], ["x"])
     assert _files(tmp_path) == before
@@ -196,7 +197,7 @@ def test_a_crash_inside_the_first_save_leaves_no_half_gallery(tmp_path, monkeypa
             with open_gallery(folder / "g.faiss") as store:
                 assert len(store) == 0 and store.threshold == 0.5
                 store.add(np.eye(4)[:1], ["a"])
-            assert len(Gallery.load(folder / "g.faiss")) == 1
+            assert len(load_gallery(folder / "g.faiss")) == 1
         else:
             with pytest.raises(FacebceError, match="no gallery here"):
                 open_gallery(folder / "g.faiss")
@@ -216,12 +217,12 @@ def test_names_are_stored_exactly_and_printed_escaped(tmp_path):
         store.add(x, NAMES, sources=NAMES)
         store.rename("dir/sep", "dir/sep\r\n2")
     want = [*NAMES[:3], "dir/sep\r\n2", *NAMES[4:]]
-    for g in (Gallery.load(path), open_gallery(path)):  # journal replay and checkpoint alike
+    for g in (load_gallery(path), open_gallery(path)):  # journal replay and checkpoint alike
         assert [g.entry(i)["identity"] for i in range(len(NAMES))] == want
         assert [g.entry(i)["source"] for i in range(len(NAMES))] == NAMES
     FaissStore(path).checkpoint()
-    assert [Gallery.load(path).entry(i)["identity"] for i in range(len(NAMES))] == want
-    results = Gallery.load(path).search(x, k=2)
+    assert [load_gallery(path).entry(i)["identity"] for i in range(len(NAMES))] == want
+    results = load_gallery(path).search(x, k=2)
     text = format_results([(f"probe{i}.jpg", r) for i, r in enumerate(results)])
     assert len(text.splitlines()) == len(NAMES)  # no name can make a line of its own
     assert "a\\nX: Barack_Obama" in text and "back\\\\slash" in text and "\\udcff undecodable" in text
@@ -356,4 +357,4 @@ def test_bad_input_changes_nothing(tmp_path):
         with pytest.raises(FacebceError, match=message):
             call()
     store.close()
-    assert _files(tmp_path) == before and len(Gallery.load(path)) == 4
+    assert _files(tmp_path) == before and len(load_gallery(path)) == 4

@@ -62,12 +62,14 @@ def test_template_features_bit_identical_to_eval_ijbc(meta, raw):
     np.testing.assert_array_equal(tfeats, ref_feats)
 
 
-def test_tar_at_far_identical_to_eval_ijbc(meta, raw):
-    result = evaluate_ijb(meta, raw, progress=False)
+@pytest.mark.parametrize("precision, atol", [("float64", 1e-12), ("float32", 1e-6)])
+def test_tar_at_far_identical_to_eval_ijbc(meta, raw, precision, atol):
+    result = evaluate_ijb(meta, raw, precision=precision, progress=False)
     feats = ref.step3_image_features(raw.reshape(len(raw), -1), meta.face_scores)
     ref_feats, ref_tids = ref.image2template_feature(feats, meta.templates, meta.medias)
     score = ref.verification(ref_feats, ref_tids, meta.pairs[:, 0], meta.pairs[:, 1])
-    np.testing.assert_allclose(result.scores, score, rtol=0, atol=1e-12)
+    assert result.scores.dtype == np.dtype(precision)
+    np.testing.assert_allclose(result.scores, score, rtol=0, atol=atol)
     np.testing.assert_array_equal(result.tar_at_far_parity.tar, ref.tpr_at_fpr_table(meta.labels.astype(int), score))
     assert result.tar_at_far.mode == "conservative" and result.tar_at_far_parity.mode == "insightface"
     assert (result.n_templates, result.n_pairs) == (120, len(meta.pairs))
@@ -87,13 +89,39 @@ def test_parity_on_larger_random_features():
     subject = (tids_all // 7) % 40  # templates of one "subject" are genuine pairs
     labels = subject[np.searchsorted(tids_all, pairs[:, 0])] == subject[np.searchsorted(tids_all, pairs[:, 1])]
     tids, tfeats = template_features(image_features(raw, scores), templates, medias)
-    ours = pair_scores(tids, tfeats, pairs, block=128, progress=False)
     feats = ref.step3_image_features(raw.reshape(n, -1), scores)
     ref_feats, ref_tids = ref.image2template_feature(feats, templates, medias)
+    np.testing.assert_array_equal(tfeats, ref_feats)
     theirs = ref.verification(ref_feats, ref_tids, pairs[:, 0], pairs[:, 1])
-    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-12)
-    table = Roc.from_labels(ours, labels).tar_at_far(mode="insightface").tar
-    np.testing.assert_array_equal(table, ref.tpr_at_fpr_table(labels.astype(int), theirs))
+    table_ref = ref.tpr_at_fpr_table(labels.astype(int), theirs)
+    for precision, atol in (("float64", 1e-12), ("float32", 1e-6)):
+        whole = pair_scores(tids, tfeats, pairs, precision=precision, progress=False)  # one block: unblocked
+        # a Gram block of 128 rows (the memory bound cuts 900 templates into 8 blocks)
+        blocked = pair_scores(tids, tfeats, pairs, precision=precision, max_bytes=128 * 900 * 8, progress=False)
+        np.testing.assert_allclose(whole, theirs, rtol=0, atol=atol)
+        np.testing.assert_allclose(blocked, whole, rtol=0, atol=atol)  # BLAS rounds row blocks alike to 1 ulp
+        for ours in (whole, blocked):
+            table = Roc.from_labels(ours, labels).tar_at_far(mode="insightface").tar
+            np.testing.assert_array_equal(table, table_ref)
+
+
+def test_pair_scores_blocks_and_reverse_pairs():
+    """Any block size gives the unblocked scores; a pair and its reverse score the same."""
+    rng = np.random.default_rng(5)
+    feats = rng.normal(size=(300, 16))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    tids = np.arange(300) * 2 + 5
+    pairs = rng.choice(tids, (5000, 2))
+    direct = np.sum(feats[(pairs[:, 0] - 5) // 2] * feats[(pairs[:, 1] - 5) // 2], axis=1)
+    whole = pair_scores(tids, feats, pairs, precision="float64", progress=False)
+    np.testing.assert_allclose(whole, direct, rtol=0, atol=1e-13)
+    for block in (1, 7, 64, 299, 300, 1000):
+        np.testing.assert_allclose(pair_scores(tids, feats, pairs, precision="float64", block=block, progress=False),
+                                   whole, rtol=0, atol=1e-13)
+    np.testing.assert_array_equal(pair_scores(tids, feats, pairs[:, ::-1], progress=False),
+                                  pair_scores(tids, feats, pairs, progress=False))
+    with pytest.raises(ConfigError, match="precision"):
+        pair_scores(tids, feats, pairs, precision="float16", progress=False)
 
 
 def test_flip_and_norm_options(raw, meta):

@@ -112,6 +112,34 @@ def test_batched_fast_path_through_dataloader_workers(tmp_path):
         assert torch.equal(xs, xp) and torch.equal(ys, yp)
 
 
+def test_uint8_batches_normalised_on_the_device_equal_collating_samples(tmp_path):
+    """uint8 batches (what the trainer ships through its workers) + normalise_batch give, bit for bit,
+    the float batch of collated samples; also through 2 DataLoader workers (shared memory)."""
+    from torch.utils.data import DataLoader, default_collate
+
+    from facebce.train.loader import batch_collate, normalise_batch
+
+    datasets = _datasets(tmp_path)
+    for name, ds in datasets.items():
+        samples = SeededSamples(ds, seed=9, uint8=True)
+        assert samples.uint8_batches, name
+        keys = [(e, i) for e in (0, 1) for i in range(len(ds))]
+        raw, y = samples.__getitems__(keys)
+        assert raw.dtype == torch.uint8 and raw.shape[1:] == (112, 112, 3), name
+        xs, ys = default_collate([samples[k] for k in keys])
+        x = normalise_batch(raw)
+        assert x.dtype == torch.float32 and torch.equal(x, xs) and torch.equal(y, ys), name
+    samples = SeededSamples(datasets["rec"], seed=2, uint8=True)
+
+    def run(workers):
+        sampler = ShardedBatchSampler(len(samples), 6, seed=2)
+        return list(DataLoader(samples, batch_sampler=sampler, num_workers=workers, collate_fn=batch_collate))
+    float_batches = list(DataLoader(SeededSamples(samples.ds, seed=2), batch_sampler=ShardedBatchSampler(
+        len(samples), 6, seed=2), collate_fn=batch_collate))
+    for (xs, ys), (xp, yp), (xf, yf) in zip(run(0), run(2), float_batches):
+        assert torch.equal(xs, xp) and torch.equal(ys, yp) and torch.equal(normalise_batch(xp), xf)
+
+
 def test_custom_transform_takes_the_per_sample_path(tmp_path):
     from facebce.data import RecDataset
     from facebce.data.tools import synthesize

@@ -6,10 +6,12 @@ Synthetic per-image features stand in for a model (scoring does not care where f
 23,124 templates, 15,658,489 pairs, 19,557 genuine; D = 512). The "plain" column runs the
 transcription of eval_ijbc.py in tests/eval/reference_eval_ijbc.py: a Python loop per template,
 pairs gathered and multiplied in chunks of 100,000, sklearn roc_curve + nearest-FPR reading.
-Both must print the same TAR@FAR row.
+Both must print the same TAR@FAR row. `--rounds N` runs the two N times, interleaved, and reports
+each stage's median (a shared machine's load moves both alike within a round).
 
 Usage: python tools/bench/bench_ijb.py [--images 469375] [--templates 23124] [--pairs 15658489]
        [--genuine 19557] [--subjects 3531] [--dim 512] [--signal 0.1] [--seed 0] [--skip-plain]
+       [--precision float32|float64] [--rounds 1]
 """
 from __future__ import annotations
 
@@ -61,13 +63,13 @@ def synthetic_ijb(args) -> dict:
             "templates": templates, "medias": medias, "pairs": template_ids[pairs[order]], "labels": labels[order]}
 
 
-def run_facebce(d: dict) -> tuple[dict, np.ndarray, np.ndarray]:
+def run_facebce(d: dict, precision: str = "float32") -> tuple[dict, np.ndarray, np.ndarray]:
     times = {}
     t = time.perf_counter()
     tids, tfeats = template_features(image_features(d["raw"], d["face_scores"]), d["templates"], d["medias"])
     times["templates"] = time.perf_counter() - t
     t = time.perf_counter()
-    scores = pair_scores(tids, tfeats, d["pairs"], progress=False)
+    scores = pair_scores(tids, tfeats, d["pairs"], precision=precision, progress=False)
     times["pairs"] = time.perf_counter() - t
     t = time.perf_counter()
     tar = Roc.from_labels(scores, d["labels"]).tar_at_far(FAR_TARGETS, "insightface").tar
@@ -90,6 +92,21 @@ def run_plain(d: dict) -> tuple[dict, np.ndarray, np.ndarray]:
     return times, tar, scores
 
 
+def interleaved(d: dict, rounds: int, precision: str = "float32", plain: bool = True) -> dict:
+    """{name: (median stage times, TAR@FAR, scores)} over `rounds` rounds of facebce then plain."""
+    results = {"facebce": [], "plain (eval_ijbc.py)": []}
+    for _ in range(max(1, rounds)):
+        results["facebce"].append(run_facebce(d, precision))
+        if plain:
+            results["plain (eval_ijbc.py)"].append(run_plain(d))
+    out = {}
+    for name, runs in results.items():
+        if runs:
+            times = {k: float(np.median([r[0][k] for r in runs])) for k in runs[0][0]}
+            out[name] = (times, runs[-1][1], runs[-1][2])
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=469_375)
@@ -101,15 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--signal", type=float, default=0.1, help="subject signal vs unit image noise")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-plain", action="store_true", help="time facebce only (the plain loop is slow)")
+    ap.add_argument("--precision", choices=("float32", "float64"), default="float32", help="facebce's pair scores")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; stage times are medians")
     args = ap.parse_args(argv)
     t = time.perf_counter()
     d = synthetic_ijb(args)
     print(f"synthetic IJB: {len(d['raw']):,} images, {np.unique(d['templates']).size:,} templates, "
           f"{len(d['pairs']):,} pairs ({int(d['labels'].sum()):,} genuine), D={args.dim} "
           f"[made in {time.perf_counter() - t:.1f} s]")
-    runs = {"facebce": run_facebce(d)}
-    if not args.skip_plain:
-        runs["plain (eval_ijbc.py)"] = run_plain(d)
+    runs = interleaved(d, args.rounds, args.precision, plain=not args.skip_plain)
     stages = ["templates", "pairs", "tar@far"]
     print(f"\n{'implementation':22}" + "".join(f"{s + ' s':>12}" for s in stages) + f"{'total s':>12}")
     for name, (times, _, _) in runs.items():

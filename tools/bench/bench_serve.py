@@ -156,7 +156,8 @@ async def load(url: str, probes: list[bytes], clients: int, requests: int, secon
 
 def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say) -> dict:
     """Everything in one run: bare rates, then the service at each level (and with the detector)."""
-    from facebce.deploy.gallery import Gallery, open_gallery
+    from facebce.deploy.gallery import Gallery
+    from facebce.deploy.stores import open_gallery
     from facebce.fileio import read_bgr
     from facebce.models.embedder import OnnxEmbedder, Preprocess
 

@@ -6,8 +6,9 @@ number on the same inputs in the same process, the ratio (facebce / baseline, hi
 for memory, baseline / facebce) and the target. Every timing is the median of --repeats runs after
 a warm-up. Areas (--only picks some):
 
-  data     the trainer's input pipeline (.rec read + decode + flip + normalise + batching, through
-           the DataLoader with 0 and 2 workers) vs a bare cv2.imdecode loop over the same records'
+  data     the trainer's input pipeline (.rec read + decode + flip + uint8 batching through the
+           DataLoader with 0 and 2 workers, then the step's normalise_batch) vs a bare cv2.imdecode
+           loop over the same records'
            bytes with as many threads (the decode limit).
   train    r50 / mbf + bce_u_norm forward + backward + SGD step at batch 32 on the CPU: facebce's
            engine (Trainer, with its channels_last + bf16 settings) vs a plain fp32 eager loop over
@@ -19,7 +20,8 @@ a warm-up. Areas (--only picks some):
            required; IJB-C-sized 1:1 scoring (469,375 images, 23,124 templates, 15.7M pairs,
            synthetic features) vs a plain numpy transcription of eval_ijbc.py, same TAR@FAR required.
   onnx     onnxruntime (facebce's export, facebce's session settings) vs torch eager, r50 and mbf,
-           batch 1 and 32, images/s.
+           batch 1 and 32, images/s; the static int8 variant (QDQ, calibrated on 64 LFW crops from
+           ../shared) vs fp32 onnxruntime; all interleaved in one process.
   gallery  FAISS flat search through facebce's Gallery at 100k and 1M x 512 vs numpy brute force,
            1 query and 64-query batches; one query's gallery scan in GB/s as a fraction of the
            memory bandwidth of a large numpy copy measured in the same run (the roofline). Then the
@@ -92,7 +94,7 @@ def bench_data(args) -> list[Row]:
     from torch.utils.data import DataLoader
 
     from facebce.data.rec_dataset import RecDataset
-    from facebce.train.loader import SeededSamples, ShardedBatchSampler, batch_collate
+    from facebce.train.loader import SeededSamples, ShardedBatchSampler, batch_collate, normalise_batch
 
     rec = SHARED / "data" / "celeba299" / "rec"
     tmp = None
@@ -115,13 +117,13 @@ def bench_data(args) -> list[Row]:
         return len(blobs) / t
 
     def pipeline(workers: int) -> float:
-        samples = SeededSamples(ds, seed=0)
+        samples = SeededSamples(ds, seed=0, uint8=True)  # as the trainer: uint8 batches, normalised at the step
 
         def one_epoch():
             sampler = ShardedBatchSampler(len(ds), args.batch, seed=0, epoch=0)
             loader = DataLoader(samples, batch_sampler=sampler, num_workers=workers, collate_fn=batch_collate,
                                 persistent_workers=False)  # exactly the trainer's DataLoader
-            return sum(len(y) for _, y in loader)
+            return sum(len(normalise_batch(x)) for x, _ in loader)  # the normalisation counts (on a CPU trainer)
         n = (len(ds) // args.batch) * args.batch
         return n / median_seconds(one_epoch, args.repeats)
 
@@ -254,7 +256,8 @@ _PFC_CHILD = r"""
 import json, resource, sys, time, statistics, torch
 sys.path.insert(0, sys.argv[1])
 from facebce.heads import PartialFC
-classes, rate, batch, repeats, threads = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+classes, rate, batch = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+repeats, threads = int(sys.argv[5]), int(sys.argv[6])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 head = PartialFC({"name": "bce_u_norm", "scale": 64}, 512, classes, rate)
@@ -270,7 +273,8 @@ step()
 times = []
 for _ in range(repeats):
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
-print(json.dumps({"seconds": statistics.median(times), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": statistics.median(times), "peak_rss": peak_rss}))
 """
 
 
@@ -278,7 +282,8 @@ def _partial_fc(args) -> list[Row]:
     classes = 20_000 if args.quick else args.pfc_classes
     res = {}
     for rate in (1.0, 0.1):
-        out = subprocess.run([sys.executable, "-c", _PFC_CHILD, str(REPO), str(classes), str(rate), str(args.train_batch),
+        out = subprocess.run([sys.executable, "-c", _PFC_CHILD, str(REPO), str(classes), str(rate),
+                              str(args.train_batch),
                               str(2 if args.quick else args.repeats), str(args.threads)],
                              capture_output=True, text=True, check=True)
         res[rate] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -324,47 +329,75 @@ def bench_eval(args) -> list[Row]:
         sizes = dict(images=20_000, templates=1_000, pairs=200_000, genuine=2_000, subjects=150)
     ns = argparse.Namespace(dim=512, signal=0.1, seed=0, **sizes)
     d = bench_ijb.synthetic_ijb(ns)
-    times_a, tar_a, s_a = bench_ijb.run_facebce(d)
-    times_b, tar_b, s_b = bench_ijb.run_plain(d)
+    rounds = 1 if args.quick else args.ijb_rounds
+    runs = bench_ijb.interleaved(d, rounds)  # facebce (float32 Gram) and plain eval_ijbc.py, alternating
     del d
+    (times_a, tar_a, s_a), (times_b, tar_b, s_b) = runs["facebce"], runs["plain (eval_ijbc.py)"]
     t_a, t_b = sum(times_a.values()), sum(times_b.values())
     same = bool(np.array_equal(tar_a, tar_b))
+    stages = ", ".join(f"{k} {times_a[k]:.1f} vs {times_b[k]:.1f} s" for k in times_a)
     say(f"[eval] IJB-C-sized 1:1 ({sizes['templates']:,} templates, {sizes['pairs']:,} pairs): facebce {t_a:.1f} s "
-        f"vs plain eval_ijbc.py {t_b:.1f} s; identical TAR@FAR: {same}; max |score diff| {np.max(np.abs(s_a - s_b)):.1e}")
+        f"vs plain eval_ijbc.py {t_b:.1f} s ({stages}; median of {rounds}); identical TAR@FAR: {same}; "
+        f"max |score diff| {np.max(np.abs(s_a - s_b)):.1e}")
     rows.append(Row("eval", f"IJB-C-sized 1:1 scoring ({sizes['pairs'] / 1e6:.1f}M pairs)", 1 / t_a, 1 / t_b, "runs/s",
-                    t_b / t_a, 3, "plain numpy eval_ijbc.py", ("identical TAR@FAR" if same else "TAR@FAR DIFFER")
-                    + f"; {t_a:.1f} s vs {t_b:.1f} s"))
+                    t_b / t_a, 10, "plain numpy eval_ijbc.py", ("identical TAR@FAR" if same else "TAR@FAR DIFFER")
+                    + f"; {t_a:.1f} s vs {t_b:.1f} s ({stages}); median of {rounds}"))
     return rows
 
 
 # ------------------------------------------------------------------------------------------ onnx
 def bench_onnx(args) -> list[Row]:
+    """fp32 onnxruntime vs torch eager, and static int8 (QDQ, calibrated on real faces) vs fp32
+    onnxruntime, interleaved in one process (median of --repeats rounds)."""
     from facebce.deploy import export_onnx
+    from facebce.deploy.quantize import calibration_images
     from facebce.models import build_backbone
     from facebce.models.embedder import ort_session_options
+    from timing import interleaved_medians
 
     import onnxruntime as ort
 
     torch.set_num_threads(args.threads)
+    faces = SHARED / "data" / "lfw_aligned_10plus"
+    calib = calibration_images(faces, limit=16 if args.quick else 64) if faces.is_dir() else None
+    if calib is None:
+        say(f"[onnx] {faces} not found: no int8-static rows (static int8 calibrates on real faces)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
             torch.manual_seed(0)
             model = build_backbone(arch).eval()
             path = Path(tmp) / f"{arch}.onnx"
-            export_onnx(model, path, check=False)
-            session = ort.InferenceSession(str(path), ort_session_options(args.threads),
-                                           providers=["CPUExecutionProvider"])
+            t = time.perf_counter()
+            report = export_onnx(model, path, check=False, variants=["int8-static"] if calib is not None else [],
+                                 calib_images=calib)
+            extra = f" + int8-static calibrated on {len(calib)} faces" if calib is not None else ""
+            say(f"[onnx] {arch}: exported{extra} in {time.perf_counter() - t:.0f} s")
+            sessions = {name: ort.InferenceSession(v.path, ort_session_options(args.threads),
+                                                   providers=["CPUExecutionProvider"])
+                        for name, v in report.variants.items()}
             for batch in ([1, 4] if args.quick else args.onnx_batches):
                 x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, 112, 112)).astype(np.float32)
                 xt = torch.from_numpy(x)
-                with torch.inference_mode():
-                    t_torch = median_seconds(lambda: model(xt), args.repeats)
-                t_ort = median_seconds(lambda: session.run(None, {"data": x}), args.repeats)
-                rows.append(Row("onnx", f"{arch} batch {batch}, onnxruntime", batch / t_ort, batch / t_torch, "img/s",
-                                t_torch / t_ort, 1.5, "torch eager fp32"))
+
+                def torch_eager():
+                    with torch.inference_mode():
+                        model(xt)
+                fns = {"torch": torch_eager, **{name: (lambda s=s: s.run(None, {"data": x}))
+                                                 for name, s in sessions.items()}}
+                med = interleaved_medians(fns, args.repeats)
+                t_torch, t_ort = med["torch"], med["fp32"]
+                rows.append(Row("onnx", f"{arch} batch {batch}, onnxruntime fp32", batch / t_ort, batch / t_torch,
+                                "img/s", t_torch / t_ort, 1.0, "torch eager fp32"))
                 say(f"[onnx] {arch} batch {batch}: ort {batch / t_ort:.1f} img/s vs torch eager {batch / t_torch:.1f} "
                     f"({t_torch / t_ort:.2f}x)")
+                if "int8-static" in med:
+                    t_q = med["int8-static"]
+                    rows.append(Row("onnx", f"{arch} batch {batch}, onnxruntime int8-static", batch / t_q,
+                                    batch / t_ort, "img/s", t_ort / t_q, 2.0 if batch >= 32 else None,
+                                    "onnxruntime fp32", "QDQ, per-channel weights, calibrated on LFW faces"))
+                    say(f"[onnx] {arch} batch {batch}: int8-static {batch / t_q:.1f} img/s vs ort fp32 "
+                        f"{batch / t_ort:.1f} ({t_ort / t_q:.2f}x)")
     return rows
 
 
@@ -381,7 +414,7 @@ def bench_gallery(args) -> list[Row]:
     src = np.ones_like(dst)
     t_copy = median_seconds(lambda: np.copyto(dst, src), args.repeats)
     copy_gbs = 2 * dst.nbytes / t_copy / 1e9
-    del dst, src
+    dst = src = None  # free the 512 MB buffers before the galleries are built
     say(f"[gallery] roofline: numpy copy moves {copy_gbs:.1f} GB/s (read + write), faiss {faiss.__version__}")
     sizes = [20_000] if args.quick else args.gallery_sizes
     rng = np.random.default_rng(0)
@@ -403,7 +436,8 @@ def bench_gallery(args) -> list[Row]:
                               == bg.numpy_topk(data, queries, 5)))
         label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
         rows += [
-            Row("gallery", f"flat {label} x 512, 1 query", 1 / t1, 1 / n1, "queries/s", n1 / t1, None, "numpy brute force"),
+            Row("gallery", f"flat {label} x 512, 1 query", 1 / t1, 1 / n1, "queries/s", n1 / t1, None,
+                "numpy brute force"),
             Row("gallery", f"flat {label} x 512, 1 query: scan vs memory bandwidth", scan, copy_gbs, "GB/s",
                 scan / copy_gbs, 0.70, "numpy copy (read + write)"),
             Row("gallery", f"flat {label} x 512, {args.queries}-query batch", args.queries / tb, args.queries / nb,
@@ -411,7 +445,7 @@ def bench_gallery(args) -> list[Row]:
         ]
         say(f"[gallery] {label}: 1 query {1 / t1:.1f} q/s ({scan:.1f} GB/s, {scan / copy_gbs:.0%} of copy) vs numpy "
             f"{1 / n1:.1f}; batch of {args.queries}: {args.queries / tb:.0f} q/s vs numpy {args.queries / nb:.0f}")
-        del gallery, data
+        gallery = data = None  # free this size's vectors before the next
     for n in ([50_000] if args.quick else args.gallery_ann_sizes + ([10_000_000] if args.large else [])):
         label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
         for r in bg.ann_vs_flat(n, 512, memory_gb=args.memory_gb, say=say):
@@ -488,12 +522,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the figures")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch/ORT/FAISS threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch/ORT/FAISS threads (default: all cores)")
     ap.add_argument("--batch", type=int, default=128, help="data: batch size")
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--archs", nargs="+", default=["r50", "mbf"])
     ap.add_argument("--compile", action="store_true", help="train: also time torch.compile (minutes of compiling)")
     ap.add_argument("--pfc-classes", type=int, default=1_000_000)
+    ap.add_argument("--ijb-rounds", type=int, default=2, help="eval: interleaved IJB-C rounds (each ~2 min)")
     ap.add_argument("--onnx-batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--gallery-sizes", nargs="+", type=int, default=[100_000, 1_000_000])
     ap.add_argument("--queries", type=int, default=64)

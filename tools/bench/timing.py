@@ -16,3 +16,20 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict, rounds: int, warmup: int = 1) -> dict:
+    """{name: median seconds} of each `fn()` over `rounds` rounds that run every candidate once, in
+    a rotated order, after `warmup` runs of each: on a shared machine a slow moment then hits all
+    candidates alike instead of one of them."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}

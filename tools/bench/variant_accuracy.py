@@ -1,6 +1,8 @@
 """Accuracy of the fp16 / int8 ONNX variants (`convert_variant`, as export_onnx makes them) on a real verification set.
 
-The fp32 model is converted to fp16 and dynamic int8 in a temporary folder; every image of the set
+The fp32 model is converted to fp16, dynamic int8 and static int8 (QDQ, calibrated on
+`--calib-images`, default 256 crops of ../shared/data/lfw_aligned_10plus: calibration sets activation
+ranges only, no labels) in a temporary folder; every image of the set
 is embedded by each of the three models through facebce's `OnnxEmbedder` (flip-sum, L2-normalised,
 onnxruntime CPU), and each is scored with facebce.eval: 10-fold accuracy (`ten_fold`), the best
 single threshold (`best_threshold`), and - the deployment question - the accuracy of the variant
@@ -18,6 +20,7 @@ classes stay in every test fold; the first N pairs of LFW would give folds of on
 
 Usage: python tools/bench/variant_accuracy.py [--model M.onnx] [--bin SET.bin] [--limit-pairs N]
        [--mean 123.675,116.28,103.53] [--std 58.395,57.12,57.375] [--color rgb] [--threads 1] [--keep DIR]
+       [--calib-images DIR|.bin] [--calib-limit 256] [--variants fp16 int8 int8-static]
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 import numpy as np  # noqa: E402
 
 from facebce.deploy.export import VARIANTS, convert_variant  # noqa: E402
+from facebce.deploy.quantize import calibration_images  # noqa: E402
 from facebce.errors import ConfigError  # noqa: E402
 from facebce.eval.model_loading import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from facebce.eval.protocols import get_protocol  # noqa: E402
@@ -44,6 +48,7 @@ from facebce.models.embedder import OnnxEmbedder, Preprocess  # noqa: E402
 
 DEFAULT_MODEL = REPO.parent / "shared" / "data" / "models" / "mobilefacenet.onnx"
 DEFAULT_BIN = REPO.parent / "shared" / "data" / "lfw.bin"
+DEFAULT_CALIB = REPO.parent / "shared" / "data" / "lfw_aligned_10plus"
 N_FOLDS = 10
 
 
@@ -102,7 +107,8 @@ def _embed(path: Path, crops: np.ndarray, preprocess: Preprocess, threads: int,
 
 def measure(model: str | Path = DEFAULT_MODEL, bin_path: str | Path = DEFAULT_BIN, *,
             preprocess: Preprocess | None = None, limit_pairs: int | None = None, threads: int = 1,
-            keep: str | Path | None = None, progress: bool = True) -> Measurement:
+            keep: str | Path | None = None, progress: bool = True, variants=VARIANTS,
+            calib: str | Path | None = DEFAULT_CALIB, calib_limit: int = 256) -> Measurement:
     """Convert `model` to each variant (in `keep`, else a temporary folder), embed the set with all of
     them and score each; the fp32 model's best threshold is applied to every variant."""
     model, bin_path = Path(model), Path(bin_path)
@@ -117,8 +123,10 @@ def measure(model: str | Path = DEFAULT_MODEL, bin_path: str | Path = DEFAULT_BI
     with tempfile.TemporaryDirectory(prefix="variant_accuracy.") as tmp:
         folder = Path(keep) if keep is not None else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        paths = {"fp32": model, **{kind: convert_variant(model, folder / f"{model.stem}.{kind}.onnx", kind)
-                                   for kind in VARIANTS}}
+        faces = calibration_images(calib, limit=calib_limit) if "int8-static" in variants else None
+        paths = {"fp32": model, **{kind: convert_variant(model, folder / f"{model.stem}.{kind}.onnx", kind,
+                                                         calib_images=faces, preprocess=preprocess)
+                                   for kind in variants}}
         embedded = {name: _embed(path, crops, preprocess, threads, progress) for name, path in paths.items()}
         sizes = {name: path.stat().st_size for name, path in paths.items()}
 
@@ -181,9 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit-pairs", type=int, default=None, help="score N pairs (N/10 per fold, balanced)")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--keep", type=Path, default=None, help="write the variants here instead of a temp folder")
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    ap.add_argument("--calib-images", type=Path, default=DEFAULT_CALIB, help="int8-static: aligned crops (folder/.bin)")
+    ap.add_argument("--calib-limit", type=int, default=256)
     args = ap.parse_args(argv)
     m = measure(args.model, args.bin, preprocess=Preprocess(color=args.color, mean=args.mean, std=args.std),
-                limit_pairs=args.limit_pairs, threads=args.threads, keep=args.keep)
+                limit_pairs=args.limit_pairs, threads=args.threads, keep=args.keep, variants=args.variants,
+                calib=args.calib_images, calib_limit=args.calib_limit)
     print(format_table(m))
 
 
