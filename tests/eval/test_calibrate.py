@@ -322,7 +322,8 @@ def test_round_trip_through_export_metadata(tmp_path):
 def test_round_trip_through_the_gallery(tmp_path, capsys):
     """calib.json -> `facebce gallery build/set-threshold --threshold calibrated:` -> the gallery's threshold."""
     from facebce.cli import main
-    from facebce.deploy.gallery import open_gallery, resolve_threshold
+    from facebce.deploy.gallery import resolve_threshold
+    from facebce.deploy.stores import open_gallery
     from facebce.eval.model_loading import file_digest
 
     from facebce.data.synthetic import write_image_folder
