@@ -351,3 +351,30 @@ def test_round_trip_through_the_gallery(tmp_path, capsys):
         assert store.threshold == cal.threshold  # nothing changed by the refused calls
     t, why = resolve_threshold(C.resolve_threshold_spec(f"calibrated:{path}"))
     assert t == cal.threshold and "calibrated" in why
+
+
+def test_the_service_checks_the_calibration_against_its_model(tmp_path):
+    """`facebce serve --threshold calibrated:calib.json`: the gallery it creates takes the calibrated
+    threshold, and a calibration of another model is refused before anything is created."""
+    from facebce.deploy.stores import open_gallery
+    from facebce.eval.model_loading import file_digest
+    from facebce.serve.config import load_config
+    from facebce.serve.engine import Engine
+
+    model = _random_onnx(tmp_path / "m.onnx", 0)
+    cal = C.calibrate_scored(_two_sets(), 1e-2, replicates=50, model={"digest": file_digest(model), "path": "m.onnx"})
+    path = C.write_calibration(cal, tmp_path / "calib.json", report=False)
+    other = _random_onnx(tmp_path / "other.onnx", 1)
+    common = {"mean": "127.5", "std": "127.5", "threshold": f"calibrated:{path}"}
+    bad = load_config({"model": str(other), "gallery": str(tmp_path / "bad.faiss"), **common}, environ={})
+    with pytest.raises(ModelError, match="calibrated with another model"):
+        Engine(bad, log=lambda _: None)
+    assert not (tmp_path / "bad.faiss").exists()
+    good = load_config({"model": str(model), "gallery": str(tmp_path / "g.faiss"), **common}, environ={})
+    engine = Engine(good, log=lambda _: None)
+    try:
+        assert engine.store.threshold == cal.threshold
+    finally:
+        engine.close()
+    with open_gallery(tmp_path / "g.faiss") as store:
+        assert store.threshold == cal.threshold
