@@ -74,7 +74,8 @@ def calculate_val_far(threshold, dist, actual_issame):
     return val, far
 
 
-def calculate_val(thresholds, dist, actual_issame, far_target, nrof_folds=10, scipy_interp=False):
+def calculate_val(thresholds, dist, actual_issame, far_target, nrof_folds=10, scipy_interp=False, original=False):
+    """`original=True`: verification.py's own interp1d on the duplicated FAR curve (SciPy < 1.9)."""
     nrof_pairs = len(actual_issame)
     nrof_thresholds = len(thresholds)
     k_fold = LFold(n_splits=nrof_folds, shuffle=False)
@@ -85,7 +86,9 @@ def calculate_val(thresholds, dist, actual_issame, far_target, nrof_folds=10, sc
         far_train = np.zeros(nrof_thresholds)
         for threshold_idx, threshold in enumerate(thresholds):
             _, far_train[threshold_idx] = calculate_val_far(threshold, dist[train_set], actual_issame[train_set])
-        if np.max(far_train) >= far_target:
+        if np.max(far_train) >= far_target and original:
+            threshold = interp1d_slinear_scipy_lt_1_9(far_train, thresholds, far_target)
+        elif np.max(far_train) >= far_target:
             # CHANGED (docs/metrics.md §2.7): was interpolate.interp1d(far_train, thresholds, kind='slinear')
             fars, first = np.unique(far_train, return_index=True)
             if scipy_interp:
@@ -135,22 +138,4 @@ def interp1d_slinear_scipy_lt_1_9(x, y, x_new):
 def calculate_val_original(thresholds, dist, actual_issame, far_target, nrof_folds=10):
     """calculate_val exactly as verification.py has it (interp1d on the raw, duplicated FAR curve),
     run with the SciPy < 1.9 interp1d above: the number verification.py prints (`parity` in facebce)."""
-    nrof_pairs = len(actual_issame)
-    nrof_thresholds = len(thresholds)
-    k_fold = LFold(n_splits=nrof_folds, shuffle=False)
-    val = np.zeros(nrof_folds)
-    far = np.zeros(nrof_folds)
-    indices = np.arange(nrof_pairs)
-    for fold_idx, (train_set, test_set) in enumerate(k_fold.split(indices)):
-        far_train = np.zeros(nrof_thresholds)
-        for threshold_idx, threshold in enumerate(thresholds):
-            _, far_train[threshold_idx] = calculate_val_far(threshold, dist[train_set], actual_issame[train_set])
-        if np.max(far_train) >= far_target:
-            threshold = interp1d_slinear_scipy_lt_1_9(far_train, thresholds, far_target)
-        else:
-            threshold = 0.0
-        val[fold_idx], far[fold_idx] = calculate_val_far(threshold, dist[test_set], actual_issame[test_set])
-    val_mean = np.mean(val)
-    far_mean = np.mean(far)
-    val_std = np.std(val)
-    return val_mean, val_std, far_mean
+    return calculate_val(thresholds, dist, actual_issame, far_target, nrof_folds, original=True)
