@@ -7,7 +7,7 @@ DEMO   ?= demo_out
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install lint test test-slow demo bench clean
 
 install: $(STAMP)
 
@@ -19,8 +19,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,serve,milvus]'
 	touch $(STAMP)
 
+# ruff (config in pyproject.toml) runs first: a finding fails the test run in seconds.
+lint: install
+	$(BIN)/ruff check .
+
 # pytest exits 5 when it collects nothing, so an empty run fails here instead of passing.
-test: install
+test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 test-slow: install

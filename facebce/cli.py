@@ -27,6 +27,30 @@ def _cmd_data_inspect(args) -> None:
     print(inspect_data(args.path))
 
 
+def _cmd_data_pairs(args) -> None:
+    from facebce.data.pairs import build_pairs_bin, describe
+    print(describe(build_pairs_bin(args.source, args.out, pairs=args.pairs, folds=args.folds, seed=args.seed,
+                                   disjoint_folds=args.disjoint_folds)))
+
+
+def _cmd_calibrate(args) -> None:
+    from facebce.eval.calibrate import calibrate, drift_markdown
+    cal = calibrate(_model_spec(args), _protocol_sets(args.sets), target_far=args.target_far, on=args.on,
+                    pooled=args.pooled, replicates=args.bootstrap, seed=args.seed, flip=not args.no_flip,
+                    cache_dir=args.cache, protocol_paths=args.protocols, out=args.out)
+    print(drift_markdown(cal) + f"\n\ncalibration written to {cal.path} (drift report {cal.path.with_suffix('.md')}, "
+          f"plot {cal.path.with_suffix('.png')}); use it with --threshold calibrated:{cal.path}")
+
+
+def _protocol_sets(items) -> list[tuple[str, str]]:
+    for item in items:
+        if not all(item.partition("=")):
+            raise FacebceError(f"{item!r}: expected PROTOCOL=PATH, e.g. lfw=data/lfw.bin")
+    if not items:
+        raise FacebceError("no evaluation sets given: add PROTOCOL=PATH arguments (see facebce eval --list)")
+    return [tuple(item.partition("=")[::2]) for item in items]
+
+
 def _cmd_models(args) -> None:
     from facebce.models import describe_backbones
     print(f"{'name':6} {'class':14} {'parameters':>12}  (embedding_size {args.embedding_size})")
@@ -41,14 +65,7 @@ def _cmd_eval(args) -> None:
     if args.list:
         print(describe_protocols(args.protocols))
         return
-    sets = []
-    for item in args.sets:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise FacebceError(f"{item!r}: expected PROTOCOL=PATH, e.g. lfw=data/lfw.bin")
-        sets.append((name, path))
-    if not sets:
-        raise FacebceError("no evaluation sets given: add PROTOCOL=PATH arguments (see --list)")
+    sets = _protocol_sets(args.sets)
     model = None if args.model == "-" else _model_spec(args)
     from facebce.deploy.align import norm_crop  # IJB crops are aligned on the fly
     report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=args.bias,
@@ -93,7 +110,8 @@ def _model_spec(args):
 
 def _cmd_export(args) -> None:
     from facebce.deploy.export import export_run, threshold_option
-    threshold, provenance = (None, None) if args.threshold is None else threshold_option(args.threshold)
+    threshold, provenance = ((None, None) if args.threshold is None
+                             else threshold_option(args.threshold, model=args.model, arch=args.arch))
     report = export_run(args.model, args.out, arch=args.arch, embedding_size=args.embedding_size, threshold=threshold,
                         threshold_provenance=provenance, head=args.head, bias=args.bias,
                         variants=[v for v in args.variants.split(",") if v], opset=args.opset,
@@ -106,6 +124,7 @@ def _cmd_gallery(args) -> None:
     from facebce.deploy import enrol
     from facebce.deploy.gallery import escape_name
     from facebce.deploy.stores import open_gallery
+    from facebce.eval.calibrate import verified_threshold
     inputs, action = args.inputs, args.action
     if action == "info":
         with open_gallery(args.gallery, lock_timeout=args.lock_timeout) as store:
@@ -128,11 +147,12 @@ def _cmd_gallery(args) -> None:
         print(f"{args.gallery}: renamed {n} entries {escape_name(inputs[0])} -> {escape_name(inputs[1])}")
         return
     embedder = _model_spec(args).build(flip=not args.no_flip, normalize=True) if args.model else None
+    args.threshold = verified_threshold(args.threshold, _model_spec(args) if args.model else None)
     if action == "set-threshold":
         if len(inputs) > 1 or (inputs and args.threshold is not None):
             raise FacebceError("gallery set-threshold: give GALLERY VALUE (or --threshold VALUE, or --model to "
                                "take the model's pair threshold)")
-        value = inputs[0] if inputs else args.threshold
+        value = verified_threshold(inputs[0], _model_spec(args) if args.model else None) if inputs else args.threshold
         if value is None and embedder is None:
             raise FacebceError("gallery set-threshold: give a value, --threshold or --model")
         print(enrol.set_gallery_threshold(args.gallery, value, embedder, lock_timeout=args.lock_timeout))
@@ -267,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("image_root")
     s.add_argument("out_dir")
     s.set_defaults(func=_cmd_data_pack)
+    s = dsub.add_parser("pairs", help="draw LFW-style verification pairs from a labelled folder or .rec pack")
+    s.add_argument("source", help="labelled image folder ROOT/<identity>/*.jpg, or an MS1M-style pack (folder or .rec)")
+    s.add_argument("out", help="output .bin (OUT.pairs.csv beside it names every image's source)")
+    s.add_argument("--pairs", type=int, default=6000, help="number of pairs (a multiple of 2 x folds)")
+    s.add_argument("--folds", type=int, default=10, help="contiguous folds, each half genuine then half impostor")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--disjoint-folds", action="store_true", help="no identity appears in two folds")
+    s.set_defaults(func=_cmd_data_pairs)
     s = dsub.add_parser("inspect", help="summarise a .rec pack (folder or train.rec) or a verification .bin")
     s.add_argument("path")
     s.set_defaults(func=_cmd_data_inspect)
@@ -297,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--list", action="store_true", help="list the known protocols and exit")
     _add_model_args(e)
     e.add_argument("--threshold", default="fit:union",
-                   help="global threshold: fit:union, fit:<set>, fixed:<t> or bias (with --bias)")
+                   help="global threshold: fit:union, fit:<set>, fixed:<t>, bias (with --bias) or "
+                        "calibrated:<calib.json>")
     e.add_argument("--bias", type=float, help="learned threshold of the model's head (b/gamma)")
     e.add_argument("--tar-mode", default="conservative",
                    choices=["insightface", "ijb_evals", "conservative", "interpolated"])
@@ -306,6 +335,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--protocols", action="append", default=[], help="extra protocol YAML file or folder")
     e.add_argument("--out", help="write report.json, report.md and PNG plots here (atomically)")
     e.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("calibrate", help="the global threshold at a target FAR, its bootstrap interval, and its "
+                       "drift on other sets (writes calib.json)")
+    c.add_argument("model", help="ONNX model, insightface-layout .pth (with --arch) or a facebce training run folder")
+    c.add_argument("sets", nargs="+", metavar="PROTOCOL=PATH",
+                   help="pairs sets (lfw=..., custom_bin=...) and labelled folders (open_set_folder=ROOT)")
+    _add_model_args(c)
+    c.add_argument("--target-far", type=float, required=True, help="e.g. 1e-4")
+    where = c.add_mutually_exclusive_group()
+    where.add_argument("--on", help="calibrate on this set (default: the first)")
+    where.add_argument("--pooled", action="store_true", help="calibrate on every pairs set pooled")
+    c.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for the 95 %% intervals (0: none)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    c.add_argument("--cache", help="embedding cache folder (shared with facebce eval --cache)")
+    c.add_argument("--protocols", action="append", default=[], help="extra protocol YAML file or folder")
+    c.add_argument("--out", required=True, help="calib.json to write (its drift report .md and plot .png beside it)")
+    c.set_defaults(func=_cmd_calibrate)
 
     x = sub.add_parser("export", help="export a backbone to ONNX (parity-checked, insightface-loadable)")
     x.add_argument("model",
@@ -346,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "search: this time)")
     g.add_argument("--mode", default="all", choices=["all", "mean"], help="store every image or one mean per identity")
     g.add_argument("--threshold",
-                   help="global cosine pair threshold (build: default the model's pair threshold, said in one "
-                        "line; search: default the gallery's)")
+                   help="global cosine pair threshold or calibrated:CALIB.json (build: default the model's pair "
+                        "threshold, said in one line; search: default the gallery's)")
     g.add_argument("-k", type=int, default=5, help="matches to show per probe")
     g.add_argument("--identity", help="remove: every entry of this identity")
     g.add_argument("--ids", help="remove: comma-separated entry ids")

@@ -126,11 +126,17 @@ def variant_path(out_path: str | os.PathLike, kind: str) -> Path:
     return out.parent / VARIANTS_DIR / f"{out.stem}.{kind}{out.suffix or '.onnx'}"
 
 
-def threshold_option(text: str) -> tuple[float, dict | None]:
+def threshold_option(text: str, *, model: str | os.PathLike | None = None,
+                     arch: str | None = None) -> tuple[float, dict | None]:
     """`facebce export --threshold`: a number (the user's pair threshold; provenance None) or
-    `calibrated:CALIB.json` (a calibration's threshold and provenance, for `pair_threshold_metadata`)."""
+    `calibrated:CALIB.json`, read and verified by facebce.eval.calibrate (checksum; made with `model`'s
+    weights when given) into (threshold, provenance for `pair_threshold_metadata`)."""
     if text.startswith("calibrated:"):
-        return _calibrated_threshold(text[len("calibrated:"):])
+        from facebce.eval.calibrate import resolve_threshold_spec
+        from facebce.eval.model_loading import ModelSpec, file_digest
+        digest = None if model is None else file_digest(ModelSpec(model, arch=arch).weights_file)
+        resolved = resolve_threshold_spec(text, model_digest=digest)
+        return resolved.value, resolved.provenance()
     try:
         value = float(text)
     except ValueError:
@@ -138,12 +144,6 @@ def threshold_option(text: str) -> tuple[float, dict | None]:
     if not -1.0 <= value <= 1.0:
         raise ModelError(f"--threshold {text!r}: expected a cosine in [-1, 1] or calibrated:CALIB.json")
     return value, None
-
-
-def _calibrated_threshold(path: str) -> tuple[float, dict]:
-    """Hook for facebce.eval.calibrate: read CALIB.json -> (threshold, {"source": "calibrated", ...})."""
-    raise ModelError(f"--threshold calibrated:{path}: this facebce cannot read calibration files yet "
-                     "(facebce.eval.calibrate); give the threshold as a number")
 
 
 def pair_threshold_metadata(value: float, provenance: Mapping[str, object] | None = None) -> dict[str, object]:

@@ -490,13 +490,21 @@ class Gallery:
 def resolve_threshold(value, model=None) -> tuple[float, str]:
     """The pair threshold a gallery uses, and one line saying where it came from.
 
-    `value`: a number or a numeric string (the user's), or None: then the model's metadata pair
+    `value`: a number or a numeric string (the user's), "calibrated:CALIB.json" or a resolved
+    facebce.eval.calibrate.ThresholdSpec (a calibration, refused if made with another model when the
+    model has a `model_digest`), or None: then the model's metadata pair
     threshold when it has one (OnnxEmbedder metadata `threshold`, with `threshold_source` "user" or
     "calibrated"). A model that carries only its head's learned class-centre threshold (b/gamma,
     `learned_threshold`) is refused: that threshold scores embeddings against class centres, not
     against each other, and accepts far too many impostors on pairs. Every way of giving a
     threshold to `gallery build` / `set-threshold` goes through here.
     """
+    if value is not None and (type(value).__name__ == "ThresholdSpec" or str(value).startswith("calibrated:")):
+        from facebce.eval.calibrate import resolve_threshold_spec  # verified: checksum, and the model if known
+        spec = resolve_threshold_spec(value, model_digest=getattr(model, "model_digest", None))
+        ci = f", CI [{spec.ci[0]:.4f}, {spec.ci[1]:.4f}]" if spec.ci else ""
+        return (_threshold(spec.value, "threshold"),
+                f"threshold {spec.value:.4f} ({spec.source} at FAR {spec.target_far:g}{ci}, {spec.path})")
     if value is not None:
         if isinstance(value, str):
             try:

@@ -31,7 +31,7 @@ from facebce.errors import ConfigError
 from facebce.eval.embedding_cache import EmbeddingSource
 from facebce.eval.ijb import IjbResult, evaluate_ijb, load_ijb
 from facebce.eval.image_sets import ImageSet, load_classification_folder, load_open_set_folder, load_pairs
-from facebce.eval.model_loading import ModelSpec, learned_bias
+from facebce.eval.model_loading import ModelSpec, file_digest, learned_bias
 from facebce.eval.open_set import OpenSetSetResult, evaluate_open_set
 from facebce.eval.pair_sets import cosines, pair_set_result
 from facebce.eval.protocols import Protocol, get_protocol
@@ -81,7 +81,9 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
         check_out_dir(out_dir)  # refuse a bad --out before any embedding
     resolved = _resolve_protocols(protocols, protocol_paths)
     pair_sets = [(p, path) for p, path in resolved if p.kind in PAIR_KINDS]
-    parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias)
+    calibrated = str(threshold).strip().startswith("calibrated:") and isinstance(model, ModelSpec)
+    parsed = parse_threshold(threshold, [p.name for p, _ in pair_sets], bias,  # .key: one-line errors first
+                             model_digest=model.key and file_digest(model.weights_file) if calibrated else None)
     source = EmbeddingSource(model, flip=flip, cache_dir=cache_dir, model_name=model_name, progress=progress)
     folders = [(p, path, load_open_set_folder(p, path)) for p, path in resolved if p.kind == OPEN_SET_KIND]
     classify = _classification_set(resolved, model, uniform)

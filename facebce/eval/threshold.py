@@ -3,7 +3,9 @@
 - `fit:union`  the best single threshold on all pairs sets pooled,
 - `fit:<set>`  the best single threshold of one set (e.g. fit:lfw), applied to the others,
 - `fixed:<t>`  a given cosine threshold,
-- `bias`       the learned threshold of a -nu head (b/γ in cosine units), passed as `bias=`.
+- `bias`       the learned threshold of a -nu head (b/γ in cosine units), passed as `bias=`,
+- `calibrated:<calib.json>` a calibration's threshold (facebce.eval.calibrate: checksum verified, and
+  made with this model when the model's digest is known).
 IJB and open-set sets never take part in fitting it.
 """
 from __future__ import annotations
@@ -16,12 +18,17 @@ from facebce.errors import ConfigError
 from facebce.eval.results import GlobalThreshold
 from facebce.eval.verification import best_threshold
 
-THRESHOLD_SOURCES = "fit:union | fit:<set> | fixed:<t> | bias"
+THRESHOLD_SOURCES = "fit:union | fit:<set> | fixed:<t> | bias | calibrated:<calib.json>"
 
 
-def parse_threshold(spec: str, pair_set_names: Sequence[str], bias: float | None) -> tuple[str, str | float | None]:
-    """('union', None) | ('set', name) | ('fixed', t) | ('bias', b); a ConfigError before any embedding."""
+def parse_threshold(spec: str, pair_set_names: Sequence[str], bias: float | None, *,
+                    model_digest: str | None = None) -> tuple[str, str | float | tuple | None]:
+    """('union', None) | ('set', name) | ('fixed', t) | ('bias', b) | ('calibrated', (source, t)); a
+    ConfigError before any embedding."""
     spec = str(spec).strip()
+    if spec.startswith("calibrated:"):
+        from facebce.eval.calibrate import resolve_threshold_spec
+        return "calibrated", (spec, resolve_threshold_spec(spec, model_digest=model_digest).value)
     if spec == "bias":
         if bias is None or not np.isfinite(bias):
             raise ConfigError(f"threshold 'bias' needs the learned threshold: pass bias=<b/γ> (got {bias!r})")
@@ -54,6 +61,8 @@ def global_threshold(parsed, scored: Mapping[str, tuple[np.ndarray, np.ndarray]]
         return GlobalThreshold(f"fixed:{arg:g}", arg)
     if kind == "bias":
         return GlobalThreshold("bias", arg)
+    if kind == "calibrated":
+        return GlobalThreshold(*arg)
     names = tuple(scored) if kind == "union" else (arg,)
     fit = best_threshold(np.concatenate([scored[n][0] for n in names]), np.concatenate([scored[n][1] for n in names]))
     return GlobalThreshold(f"fit:{'union' if kind == 'union' else arg}", fit.threshold, names, fit.accuracy)

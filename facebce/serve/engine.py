@@ -186,7 +186,10 @@ class Engine:
             self.aligners = {p: FaceAligner(det, size=self.size[0], policy=p, min_score=config.min_score)
                              for p in ("central", "largest", "best")}
             self.aligner = self.aligners[config.policy]
-        self.store = _open_store(config, self.dim, self.embedder, log)
+        # a calibrated:CALIB.json threshold is checked against this model's weights before any use
+        from facebce.eval.calibrate import verified_threshold
+        threshold = verified_threshold(config.threshold, spec)
+        self.store = _open_store(config, threshold, self.dim, self.embedder, log)
         self.threshold_source = "gallery"
         wait = config.max_wait_ms / 1000.0
         self._embed_batcher = MicroBatcher("embed", self._embed_rows, config.max_batch, wait,
@@ -295,8 +298,8 @@ def _floats(text, name: str):
     return values[0] if len(values) == 1 else values
 
 
-def _open_store(config: ServeConfig, dim: int, embedder, log):
-    """Open the gallery store, creating it (at the given or the model's threshold) when it is missing."""
+def _open_store(config: ServeConfig, threshold, dim: int, embedder, log):
+    """Open the gallery store, creating it (at `threshold`, else the model's pair threshold) when it is missing."""
     from facebce.deploy.gallery import resolve_threshold
     from facebce.deploy.stores import is_uri, open_gallery
 
@@ -306,16 +309,16 @@ def _open_store(config: ServeConfig, dim: int, embedder, log):
         missing = "no gallery here" in str(e) or "does not exist" in str(e) or "no collection" in str(e)
         if not missing:
             raise
-        t, said = resolve_threshold(config.threshold, embedder)
+        t, said = resolve_threshold(threshold, embedder)
         store = open_gallery(config.gallery, dim=dim, create={"index_type": config.index}, threshold=t)
         log(f"created gallery {config.gallery} ({dim}-d, {config.index}, {said})")
         return store
     if store.threshold is None:
-        t, said = resolve_threshold(config.threshold, embedder)
+        t, said = resolve_threshold(threshold, embedder)
         store.set_threshold(t)
         log(f"gallery {config.gallery} had no threshold; set {said}")
-    elif config.threshold is not None:
-        t, _ = resolve_threshold(config.threshold, embedder)
+    elif threshold is not None:
+        t, _ = resolve_threshold(threshold, embedder)
         if abs(t - store.threshold) > 1e-9:
             raise FacebceError(f"threshold {t:.4f}: the gallery {config.gallery} has {store.threshold:.4f}; "
                                f"change it with PUT /v1/threshold (admin) or drop --threshold")

@@ -261,7 +261,8 @@ _PFC_CHILD = r"""
 import json, resource, sys, time, statistics, torch
 sys.path.insert(0, sys.argv[1])
 from facebce.heads import PartialFC
-classes, rate, batch, repeats, threads = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+classes, rate, batch = int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+repeats, threads = int(sys.argv[5]), int(sys.argv[6])
 torch.set_num_threads(threads)
 torch.manual_seed(0)
 head = PartialFC({"name": "bce_u_norm", "scale": 64}, 512, classes, rate)
@@ -277,7 +278,8 @@ step()
 times = []
 for _ in range(repeats):
     t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
-print(json.dumps({"seconds": statistics.median(times), "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": statistics.median(times), "peak_rss": peak_rss}))
 """
 
 
@@ -285,7 +287,8 @@ def _partial_fc(args) -> list[Row]:
     classes = 20_000 if args.quick else args.pfc_classes
     res = {}
     for rate in (1.0, 0.1):
-        out = subprocess.run([sys.executable, "-c", _PFC_CHILD, str(REPO), str(classes), str(rate), str(args.train_batch),
+        out = subprocess.run([sys.executable, "-c", _PFC_CHILD, str(REPO), str(classes), str(rate),
+                              str(args.train_batch),
                               str(2 if args.quick else args.repeats), str(args.threads)],
                              capture_output=True, text=True, check=True)
         res[rate] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -416,7 +419,7 @@ def bench_gallery(args) -> list[Row]:
     src = np.ones_like(dst)
     t_copy = median_seconds(lambda: np.copyto(dst, src), args.repeats)
     copy_gbs = 2 * dst.nbytes / t_copy / 1e9
-    del dst, src
+    dst = src = None  # free the 512 MB buffers before the galleries are built
     say(f"[gallery] roofline: numpy copy moves {copy_gbs:.1f} GB/s (read + write), faiss {faiss.__version__}")
     sizes = [20_000] if args.quick else args.gallery_sizes
     rng = np.random.default_rng(0)
@@ -438,7 +441,8 @@ def bench_gallery(args) -> list[Row]:
                               == bg.numpy_topk(data, queries, 5)))
         label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
         rows += [
-            Row("gallery", f"flat {label} x 512, 1 query", 1 / t1, 1 / n1, "queries/s", n1 / t1, None, "numpy brute force"),
+            Row("gallery", f"flat {label} x 512, 1 query", 1 / t1, 1 / n1, "queries/s", n1 / t1, None,
+                "numpy brute force"),
             Row("gallery", f"flat {label} x 512, 1 query: scan vs memory bandwidth", scan, copy_gbs, "GB/s",
                 scan / copy_gbs, 0.70, "numpy copy (read + write)"),
             Row("gallery", f"flat {label} x 512, {args.queries}-query batch", args.queries / tb, args.queries / nb,
@@ -446,7 +450,7 @@ def bench_gallery(args) -> list[Row]:
         ]
         say(f"[gallery] {label}: 1 query {1 / t1:.1f} q/s ({scan:.1f} GB/s, {scan / copy_gbs:.0%} of copy) vs numpy "
             f"{1 / n1:.1f}; batch of {args.queries}: {args.queries / tb:.0f} q/s vs numpy {args.queries / nb:.0f}")
-        del gallery, data
+        gallery = data = None  # free this size's vectors before the next
     for n in ([50_000] if args.quick else args.gallery_ann_sizes + ([10_000_000] if args.large else [])):
         label = f"{n // 1000}k" if n < 1_000_000 else f"{n / 1e6:g}M"
         for r in bg.ann_vs_flat(n, 512, memory_gb=args.memory_gb, say=say):
@@ -554,7 +558,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the figures")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch/ORT/FAISS threads (default: all cores)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch/ORT/FAISS threads (default: all cores)")
     ap.add_argument("--batch", type=int, default=128, help="data: batch size")
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--archs", nargs="+", default=["r50", "mbf"])
