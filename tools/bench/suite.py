@@ -36,6 +36,11 @@ a warm-up. Areas (--only picks some):
 
     python tools/bench/suite.py [--only data train eval onnx gallery serve] [--quick] [--out runs/bench]
 
+  gpu      tools/bench/bench_gpu.py in a child process (CUDA only; on a CPU machine it says so and adds
+           no rows): r50/r100 bf16 training samples/s and MFU (achieved TFLOP/s from counted FLOPs vs
+           the card's dense bf16 peak; target 45 % for r50), torch.compile vs eager, a 1-process
+           torchrun (NCCL) training run, onnxruntime execution providers vs torch, faiss-gpu.
+
 `--quick` shrinks every size (a smoke run in about a minute; its numbers are not the figures).
 """
 from __future__ import annotations
@@ -62,7 +67,7 @@ import torch  # noqa: E402
 from timing import median_seconds  # noqa: E402  (tools/bench/timing.py)
 
 SHARED = Path(os.environ.get("FACEBCE_SHARED", REPO.parent / "shared"))
-AREAS = ("data", "train", "eval", "onnx", "gallery", "serve")
+AREAS = ("data", "train", "eval", "onnx", "gallery", "serve", "gpu")
 
 
 @dataclass
@@ -508,12 +513,43 @@ def table(rows: list[Row]) -> str:
     out = ["| area | figure | facebce | baseline | unit | ratio | target | meets | baseline is / note |",
            "|---|---|---:|---:|---|---:|---:|---|---|"]
     for r in rows:
-        ratio = "—" if r.ratio is None else (f"{r.ratio:.0%}" if r.unit == "GB/s" else f"{r.ratio:.2f}x")
-        target = "—" if r.target is None else (f"≥ {r.target:.0%}" if r.unit == "GB/s" else f"≥ {r.target:g}x")
+        pct = r.unit in ("GB/s", "TFLOP/s")  # fractions of a ceiling (bandwidth, peak FLOP/s)
+        ratio = "—" if r.ratio is None else (f"{r.ratio:.0%}" if pct else f"{r.ratio:.2f}x")
+        target = "—" if r.target is None else (f"≥ {r.target:.0%}" if pct else f"≥ {r.target:g}x")
         why = "; ".join(x for x in (r.baseline_name, r.note) if x)
         out.append(f"| {r.area} | {r.figure} | {num(r.facebce)} | {num(r.baseline)} | {r.unit} | {ratio} | {target} "
                    f"| {r.meets} | {why} |")
     return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ gpu
+def bench_gpu(args) -> list[Row]:
+    """tools/bench/bench_gpu.py's JSON as rows: MFU rows as achieved TFLOP/s vs the peak it divides by."""
+    out = args.out / "gpu"
+    p = subprocess.run([sys.executable, str(HERE / "bench_gpu.py"), "--out", str(out)], cwd=REPO, text=True,
+                       capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    say("[gpu] " + (p.stdout.strip().splitlines() or ["(no output)"])[-1])
+    if p.returncode != 0 or not (out / "bench_gpu.json").is_file():
+        return []
+    return gpu_rows(json.loads((out / "bench_gpu.json").read_text()))
+
+
+def gpu_rows(doc: dict) -> list[Row]:
+    peak, rows = doc["meta"]["peak_tflops"], []
+    sps = {r["row"]: r["value"] for r in doc["rows"] if r["figure"] == "samples/s"}
+    for r in doc["rows"]:
+        if r["figure"] == "MFU":
+            achieved = r["value"] / 100 * peak
+            rows.append(Row("gpu", f"{r['row']}: MFU", achieved, peak, "TFLOP/s", achieved / peak,
+                            0.45 if " r50 " in f" {r['row']} " else None, "dense bf16 peak", r.get("note", "")))
+        elif r["row"].startswith("compile") and "train r50 b128" in sps:
+            rows.append(Row("gpu", r["row"], r["value"], sps["train r50 b128"], r["unit"],
+                            r["value"] / sps["train r50 b128"], None, "eager", r.get("note", "")))
+        else:
+            rows.append(Row("gpu", f"{r['row']}, {r['figure']}", r["value"], None, r["unit"], None,
+                            note=r.get("note", "")))
+    rows += [Row("gpu", s["row"], None, None, "", None, note="skipped: " + s["why"]) for s in doc["skipped"]]
+    return rows
 
 
 def main(argv=None) -> int:
