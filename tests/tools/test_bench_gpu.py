@@ -1,22 +1,12 @@
 """tools/bench/bench_gpu.py: skips cleanly without CUDA; suite.py's gpu area turns its JSON into rows."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.tools.loading import REPO
+from tests.tools.loading import load_tool as _load
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the rows would run")

@@ -1,24 +1,14 @@
 """tools/run_seeds.py's table and tools/bench/suite.py's report (a quick run of the eval area)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from tests.tools.loading import REPO
+from tests.tools.loading import load_tool as _load
 
 
 def test_run_seeds_tabulates_mean_and_sample_std(tmp_path):
