@@ -1,7 +1,6 @@
 """tools/bench/bench_gpu.py: skips cleanly without CUDA; suite.py's gpu area turns its JSON into rows."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
