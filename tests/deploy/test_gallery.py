@@ -11,6 +11,7 @@ import pytest
 from facebce.deploy import Gallery, OnnxEmbedder, open_gallery, recall_against_exact
 from facebce.deploy.gallery import EXACT_TYPES
 from facebce.deploy.stores import load_gallery, save_gallery
+from tests.deploy.crash import crash_on_replace
 from facebce.errors import DataFormatError, FacebceError
 from facebce.eval.identification import open_set_identification, operating_point
 from facebce.models.embedder import Preprocess
@@ -166,18 +167,6 @@ def test_batched_flat_search_takes_blas_and_restores_faiss_global(enrolled):
 
 
 # ---- atomic saves -----------------------------------------------------------------------------------
-def _crash_on_replace(monkeypatch, call: int):
-    """Make the `call`-th os.replace (1-based) raise, as if the process died there."""
-    real, calls = os.replace, []
-
-    def replace(src, dst):
-        calls.append(dst)
-        if len(calls) == call:
-            raise KeyboardInterrupt("simulated crash")
-        return real(src, dst)
-    monkeypatch.setattr(os, "replace", replace)
-
-
 @pytest.mark.parametrize("call", [1, 2])
 def test_crash_before_the_renames_keeps_the_previous_gallery(tmp_path, enrolled, monkeypatch, call):
     x, names, _ = enrolled
@@ -185,7 +174,7 @@ def test_crash_before_the_renames_keeps_the_previous_gallery(tmp_path, enrolled,
     g.add(x[:50], names[:50])
     save_gallery(g, tmp_path / "g.faiss")
     g.add(x[50:], names[50:])
-    _crash_on_replace(monkeypatch, call=call)
+    crash_on_replace(monkeypatch, call=call)
     with pytest.raises(KeyboardInterrupt):
         save_gallery(g, tmp_path / "g.faiss")
     monkeypatch.undo()
@@ -198,7 +187,7 @@ def test_crash_between_the_renames_is_finished_on_load(tmp_path, enrolled, monke
     g.add(x[:50], names[:50])
     save_gallery(g, tmp_path / "g.faiss")
     g.add(x[50:], names[50:])
-    _crash_on_replace(monkeypatch, call=3)  # pending sidecar and index renamed, sidecar not
+    crash_on_replace(monkeypatch, call=3)  # pending sidecar and index renamed, sidecar not
     with pytest.raises(KeyboardInterrupt):
         save_gallery(g, tmp_path / "g.faiss")
     monkeypatch.undo()

@@ -16,6 +16,7 @@ import pytest
 
 from facebce.deploy.gallery import Gallery, escape_name, resolve_threshold
 from facebce.deploy.stores import load_gallery, open_gallery
+from tests.deploy.crash import crash_on_replace
 from facebce.deploy.journal import read_journal
 from facebce.deploy.store import FaissStore, GalleryLockTimeout
 from facebce.errors import DataFormatError, FacebceError
@@ -179,17 +180,9 @@ def test_damage_inside_the_journal_is_an_error_and_nothing_is_written(tmp_path):
 def test_a_crash_inside_the_first_save_leaves_no_half_gallery(tmp_path, monkeypatch):
     """Creation = pending sidecar, index, sidecar rename, journal: a crash after the index leaves a
     gallery that loads; before it, no gallery (build may start again)."""
-    real = os.replace
     for crash_at, loads in ((1, False), (2, False), (3, True), (4, True)):
         folder = tmp_path / str(crash_at)
-        calls = []
-
-        def replace(src, dst):
-            calls.append(dst)
-            if len(calls) == crash_at:
-                raise KeyboardInterrupt("simulated crash")
-            return real(src, dst)
-        monkeypatch.setattr(os, "replace", replace)
+        crash_on_replace(monkeypatch, crash_at)
         with pytest.raises(KeyboardInterrupt):
             open_gallery(folder / "g.faiss", dim=4, create=True, threshold=0.5)
         monkeypatch.undo()

@@ -27,3 +27,37 @@ class BrokenEmbedder(ProjectionEmbedder):
         out = super().embed(images_bgr)
         out[::7] = np.nan
         return out
+
+
+def flatten_matmul_onnx(path, input_shape, out_dim: int = 4, seed: int | None = None):
+    """A minimal ONNX embedder, Flatten -> MatMul, with the given input shape; weights all ones, or
+    normal random ones drawn from `seed`. ModelSpec loads it like any model."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    n = int(np.prod(input_shape[1:]))
+    w = (np.ones((n, out_dim), np.float32) if seed is None
+         else np.random.default_rng(seed).normal(size=(n, out_dim)).astype(np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["data"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["out"])], "g",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [input_shape[0], out_dim])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [n, out_dim], w.ravel().tolist())])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
+    return path
+
+
+def write_pair_sets(root, names, n_pairs: int, *, declare_pairs: bool = False):
+    """Two synthetic .bin pairs sets of different difficulty (names[0] easier) under `root`, and
+    `root/protocols/` declaring them (with `pairs: n_pairs` when `declare_pairs`); returns root."""
+    from facebce.data.synthetic import SyntheticFaces, make_pairs
+    from facebce.data.verification_bin import save_bin
+
+    (root / "protocols").mkdir()
+    for name, seed, difficulty in ((names[0], 1, 0.3), (names[1], 2, 0.8)):
+        faces = SyntheticFaces(12, 4, seed=seed, first_identity=100 * seed, difficulty=difficulty)
+        images, issame = make_pairs(faces, n_pairs, seed=seed)
+        save_bin(root / f"{name}.bin", images, issame)
+        declared = f"pairs: {n_pairs}\n" if declare_pairs else ""
+        (root / "protocols" / f"{name}.yaml").write_text(f"name: {name}\nkind: pairs_bin\nfile: {name}.bin\n{declared}")
+    return root

@@ -10,12 +10,11 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from facebce.data.synthetic import SyntheticFaces, make_pairs
-from facebce.data.verification_bin import save_bin
+from facebce.data.synthetic import SyntheticFaces
 from facebce.errors import ConfigError, DataFormatError, ModelError
 from facebce.eval import calibrate as C
 from facebce.eval.runner import evaluate
-from tests.eval.fakes import ProjectionEmbedder
+from tests.eval.fakes import ProjectionEmbedder, flatten_matmul_onnx, write_pair_sets
 
 
 def brute_threshold(impostor, f):
@@ -211,14 +210,7 @@ def test_threshold_spec_resolver_and_metadata(tmp_path):
 
 @pytest.fixture(scope="module")
 def bins(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calib_bins")
-    (root / "protocols").mkdir()
-    for name, seed, difficulty in (("cal_a", 1, 0.3), ("cal_b", 2, 0.8)):
-        faces = SyntheticFaces(12, 4, seed=seed, first_identity=100 * seed, difficulty=difficulty)
-        images, issame = make_pairs(faces, 200, seed=seed)
-        save_bin(root / f"{name}.bin", images, issame)
-        (root / "protocols" / f"{name}.yaml").write_text(f"name: {name}\nkind: pairs_bin\nfile: {name}.bin\n")
-    return root
+    return write_pair_sets(tmp_path_factory.mktemp("calib_bins"), ("cal_a", "cal_b"), 200)
 
 
 def test_scores_come_from_the_eval_machinery_and_eval_takes_the_artifact(bins, tmp_path):
@@ -244,19 +236,7 @@ def test_scores_come_from_the_eval_machinery_and_eval_takes_the_artifact(bins, t
 
 
 def _random_onnx(path, seed):
-    """A tiny ONNX embedder (Flatten -> MatMul with random weights) that ModelSpec loads like any model."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    n = 3 * 112 * 112
-    w = np.random.default_rng(seed).normal(size=(n, 8)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Flatten", ["data"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["out"])], "g",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [n, 8], w.ravel().tolist())])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
-    return path
+    return flatten_matmul_onnx(path, ["N", 3, 112, 112], out_dim=8, seed=seed)
 
 
 def test_cli_calibrate_then_eval_with_the_artifact(bins, tmp_path, capsys):

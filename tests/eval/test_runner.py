@@ -3,20 +3,17 @@ cached re-scoring without the model; bad embeddings and bad model files give one
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
 
-from facebce.data.synthetic import SyntheticFaces, make_pairs
-from facebce.data.verification_bin import load_bin, save_bin
+from facebce.data.verification_bin import load_bin
 from facebce.errors import ConfigError, DataFormatError, ModelError
 from facebce.eval.model_loading import ModelSpec
 from facebce.eval.roc import Roc
 from facebce.eval.runner import evaluate
 from facebce.eval.tenfold import ten_fold
 from facebce.eval.verification import accuracy_at_threshold, best_threshold
-from tests.eval.fakes import BrokenEmbedder, ProjectionEmbedder
+from tests.eval.fakes import BrokenEmbedder, ProjectionEmbedder, flatten_matmul_onnx, write_pair_sets
 
 N_PAIRS = 60
 
@@ -24,15 +21,7 @@ N_PAIRS = 60
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Two synthetic .bin sets (different difficulty) and a protocol folder that declares them."""
-    root = tmp_path_factory.mktemp("pairs")
-    (root / "protocols").mkdir()
-    for name, seed, difficulty in (("synth_a", 1, 0.3), ("synth_b", 2, 0.8)):
-        faces = SyntheticFaces(12, 4, seed=seed, first_identity=100 * seed, difficulty=difficulty)
-        images, issame = make_pairs(faces, N_PAIRS, seed=seed)
-        save_bin(root / f"{name}.bin", images, issame)
-        (root / "protocols" / f"{name}.yaml").write_text(
-            f"name: {name}\nkind: pairs_bin\nfile: {name}.bin\npairs: {N_PAIRS}\n")
-    return root
+    return write_pair_sets(tmp_path_factory.mktemp("pairs"), ("synth_a", "synth_b"), N_PAIRS, declare_pairs=True)
 
 
 def _run(data, model, **kwargs):
@@ -190,19 +179,8 @@ def test_bad_protocol_list_and_missing_file(data):
         evaluate(ProjectionEmbedder(), [("lfw", data / "synth_a.bin")], progress=False)
 
 
-def _onnx_model(path, input_shape):
-    """A minimal ONNX graph (Flatten -> MatMul) with the given input shape."""
-    n = int(np.prod(input_shape[1:]))
-    w = helper.make_tensor("w", TensorProto.FLOAT, [n, 4], np.ones(n * 4, np.float32).tolist())
-    nodes = [helper.make_node("Flatten", ["data"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["out"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, input_shape)],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [input_shape[0], 4])], [w])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), path)
-    return path
-
-
 def test_model_files_give_one_line_errors(data, tmp_path):
-    wrong = _onnx_model(tmp_path / "wrong.onnx", [1, 1, 16, 16])
+    wrong = flatten_matmul_onnx(tmp_path / "wrong.onnx", [1, 1, 16, 16])
     with pytest.raises(ModelError, match=r"input shape \[1, 1, 16, 16\], expected \[batch, 3, S, S\]"):
         _run(data, ModelSpec(wrong))
     (tmp_path / "r50.pth").write_bytes(b"x")
@@ -221,7 +199,7 @@ def test_model_files_give_one_line_errors(data, tmp_path):
 
 
 def test_onnx_spec_is_built_only_when_needed(data, tmp_path):
-    model = _onnx_model(tmp_path / "ok.onnx", ["N", 3, 112, 112])
+    model = flatten_matmul_onnx(tmp_path / "ok.onnx", ["N", 3, 112, 112])
     spec = ModelSpec(model, mean=127.5, std=127.5)
     first = _run(data, spec, cache_dir=tmp_path / "cache")
     assert first.model.startswith("ok.onnx") and (tmp_path / "cache" / spec.key).is_dir()
