@@ -163,10 +163,11 @@ class Engine:
 
     def __init__(self, config: ServeConfig, *, log: Callable[[str], None] = print, metrics=None):
         from facebce.eval.model_loading import ModelSpec
+        from facebce.models.embedder import parse_channel_values
 
         self.config = config
         self.metrics = metrics
-        mean, std = _floats(config.mean, "mean"), _floats(config.std, "std")
+        mean, std = parse_channel_values(config.mean, "mean"), parse_channel_values(config.std, "std")
         spec = ModelSpec(config.model, color=config.color, mean=mean, std=std, batch_size=config.max_batch)
         if spec.path.suffix.lower() != ".onnx":
             raise FacebceError(f"{spec.path}: facebce serve runs ONNX models (export one with 'facebce export')")
@@ -284,18 +285,6 @@ class Engine:
 
     async def read(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
-
-
-def _floats(text, name: str):
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        raise FacebceError(f"{name}={text!r}: expected one number or three, comma-separated") from None
-    if len(values) not in (1, 3):
-        raise FacebceError(f"{name}={text!r}: expected one number or three, comma-separated")
-    return values[0] if len(values) == 1 else values
 
 
 def _open_store(config: ServeConfig, threshold, dim: int, embedder, log):
