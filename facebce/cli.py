@@ -160,8 +160,8 @@ def _cmd_gallery(args) -> None:
     if embedder is None or not inputs:
         raise FacebceError(f"gallery {action}: give --model and at least one image folder or file")
     if action == "build":
-        options = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe), ("pq_m", args.pq_m))
-                   if v is not None}
+        options = {k: v for k, v in (("nlist", args.nlist), ("nprobe", args.nprobe), ("pq_m", args.pq_m),
+                                     ("pq_bits", args.pq_bits), ("refine", args.refine)) if v is not None}
         for summary in enrol.build_gallery(args.gallery, embedder, inputs, threshold=args.threshold,
                                            index_type=args.index, mode=args.mode, memory_gb=args.memory_gb,
                                            lock_timeout=args.lock_timeout, **options):
@@ -387,7 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build: index type (auto: chosen from the number of images and --memory-gb)")
     g.add_argument("--memory-gb", type=float, help="build: memory budget for the index (auto, ivfpq, opq)")
     g.add_argument("--nlist", type=int, help="build: inverted lists of ivf/ivfpq/opq (default ~4 sqrt(N))")
-    g.add_argument("--pq-m", type=int, help="build: bytes per vector of ivfpq/opq codes (divides the dim)")
+    g.add_argument("--pq-m", type=int, help="build: sub-quantisers of ivfpq/opq codes (divides the dim; "
+                                            "bytes per vector at --pq-bits 8)")
+    g.add_argument("--pq-bits", type=int, choices=[4, 8], help="build: bits per sub-quantiser of ivfpq/opq codes "
+                                                            "(4: FAISS fast-scan; default 8, or auto's choice)")
+    g.add_argument("--refine", choices=["none", "sq8", "fp16", "flat"],
+                   help="build: ivfpq/opq keep a copy of each vector at this precision and re-rank the codes' "
+                        "shortlist on it (default none, or auto's choice)")
     g.add_argument("--nprobe", type=int, help="lists an ivf/ivfpq/opq search visits (build: the default; "
                                                "search: this time)")
     g.add_argument("--mode", default="all", choices=["all", "mean"], help="store every image or one mean per identity")

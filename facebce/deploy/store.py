@@ -43,8 +43,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from facebce.deploy.gallery import (EXACT_TYPES, GALLERY_FORMAT, GALLERY_VERSION, TRAINED_TYPES, Gallery, _Entry,
-                                    _id_array, _names, _sources, _threshold)
+from facebce.deploy.gallery import (_REFINE_BYTES, EXACT_TYPES, GALLERY_FORMAT, GALLERY_VERSION, TRAINED_TYPES, Gallery,
+                                    _Entry, _id_array, _names, _sources, _threshold)
 from facebce.deploy.journal import Journal, create_journal, read_journal
 from facebce.errors import DataFormatError, FacebceError
 from facebce.fileio import atomic_write_bytes, fsync_dir, unit_rows
@@ -341,18 +341,18 @@ class FaissStore:
     def _checkpoint_limit(self, g: Gallery) -> int:
         if self._checkpoint_bytes is not None:
             return self._checkpoint_bytes
-        per_vector = 4 * g.dim if g.index_type in EXACT_TYPES else (g.options["pq_m"] or 64) + 24
+        per_vector = (4 * g.dim if g.index_type in EXACT_TYPES else
+                      (g.options["pq_m"] or 64) * g.options["pq_bits"] // 8 + 24 + _REFINE_BYTES[g.options["refine"]] * g.dim)
         return max(_MIN_CHECKPOINT_BYTES, len(g) * per_vector)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def _checkpoint(self, g: Gallery, seq: int) -> None:
         """Write index + sidecar (+ a new empty journal) for `g` at journal sequence `seq` (lock held)."""
-        index = g._index if g._index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(g.dim))
-        data = faiss.serialize_index(index)
+        data, refine_bytes = g.serialized()
         generation = secrets.token_hex(16)
         meta = {"format": GALLERY_FORMAT, "version": GALLERY_VERSION, **g.settings(), "metric": "inner_product",
                 "next_id": g.next_id, "count": len(g), "seq": seq, "generation": generation,
-                "index_sha256": _sha256(data), "entries": g.entries()}
+                "index_sha256": _sha256(data), "refine_bytes": refine_bytes, "entries": g.entries()}
         meta["sidecar_sha256"] = _sidecar_digest(meta)
         text = json.dumps(meta, ensure_ascii=True, indent=0).encode("ascii")
         if self._journal is not None:
@@ -434,11 +434,16 @@ class FaissStore:
     def _load(self, exclusive: bool) -> None:
         data, meta = self._read_checkpoint(exclusive)
         g = _gallery_from_sidecar(meta, self.sidecar_path, self._use_gpu)
-        index = _deserialize(data, self.path)
+        index, refine = _deserialize_pair(data, meta, self.path)
         _check_index(g, index, meta, self.path, self.sidecar_path)
+        if (refine is None) != (g.options["refine"] == "none" or not index.ntotal):
+            raise DataFormatError(f"{self.path}: {g.index_type} with refine={g.options['refine']!r} "
+                                  f"{'has no' if refine is None else 'has a'} re-ranking copy of the vectors")
+        if refine is not None:
+            _check_index(g, refine, meta, self.path, self.sidecar_path)
         if index.ntotal or g.index_type not in TRAINED_TYPES:
             g._configure(index)
-            g._index = index
+            g._index, g._refine = index, refine
         seq = int(meta.get("seq", 0))
         generation = meta.get("generation")
         self._ckpt_seq, self._ckpt_gen = seq, generation or ""
@@ -518,6 +523,16 @@ def _signature(path: Path):
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _deserialize_pair(data: bytes, meta: dict, path: Path) -> tuple[faiss.Index, faiss.Index | None]:
+    """The index and, when the sidecar says the file ends with one, the re-ranking copy."""
+    tail = meta.get("refine_bytes", 0)
+    if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail < len(data):
+        raise DataFormatError(f"{path}: sidecar refine_bytes={tail!r} does not fit the {len(data)}-byte index file")
+    if not tail:
+        return _deserialize(data, path), None
+    return _deserialize(data[:len(data) - tail], path), _deserialize(data[len(data) - tail:], path)
+
+
 def _deserialize(data: bytes, path: Path) -> faiss.Index:
     try:
         return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
@@ -549,7 +564,8 @@ def _gallery_from_sidecar(meta: dict, where: Path, use_gpu: bool | None) -> Gall
         o = meta["options"] if meta["version"] == 1 else meta
         gallery = Gallery(meta["dim"], index_type=meta["index_type"], mode=meta["mode"], threshold=meta["threshold"],
                           nlist=o["nlist"], nprobe=o["nprobe"], pq_m=o.get("pq_m"), hnsw_m=o["hnsw_m"],
-                          ef_construction=o["ef_construction"], ef_search=o["ef_search"], use_gpu=use_gpu)
+                          ef_construction=o["ef_construction"], ef_search=o["ef_search"], use_gpu=use_gpu,
+                          pq_bits=o.get("pq_bits", 8), refine=o.get("refine", "none"), refine_k=o.get("refine_k", 64))
         entries, next_id, count = meta["entries"], meta["next_id"], meta["count"]
         if not isinstance(entries, list):
             raise TypeError("entries is not a list")

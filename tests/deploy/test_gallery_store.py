@@ -320,6 +320,59 @@ def test_pq_gallery_survives_the_store(tmp_path, one_faiss_thread):
     assert [[m.id for m in r.matches] for r in before] == [[m.id for m in r.matches] for r in after]
 
 
+@pytest.mark.parametrize("refine", ["fp16", "sq8"])
+def test_fast_scan_codes_reranked_find_the_exact_top1(refine, tmp_path, one_faiss_thread):
+    """4-bit fast-scan codes alone reorder one person's near-tied images; re-ranking their shortlist
+    on the stored copy returns the exact top-1 and the exact scores (to the copy's precision), and
+    the copy follows every add, remove and reload through the store."""
+    x, labels, centres = _faces(300, (5, 20), 32, seed=3)
+    rng = np.random.default_rng(4)
+    queries = _unit(centres[labels[:300]] + rng.standard_normal((300, 32)).astype(np.float32) / 8)
+    names = [f"id{i}" for i in labels]
+    flat = Gallery(32, threshold=0.5)
+    flat.add(x, names)
+    exact_s, exact_i = flat.knn(queries, 5)
+    options = {"index_type": "ivfpq", "nlist": 16, "pq_m": 16, "pq_bits": 4, "nprobe": 16}
+    codes_only = Gallery(32, **options)
+    codes_only.add(x, names)
+    path = tmp_path / "fs.faiss"
+    with open_gallery(path, dim=32, create={**options, "refine": refine, "refine_k": 32}, threshold=0.5) as store:
+        store.add(x, names)
+        s, i = store.knn(queries, 5)
+        r1_codes = float(np.mean(codes_only.knn(queries, 5)[1][:, 0] == exact_i[:, 0]))
+        r1 = float(np.mean(i[:, 0] == exact_i[:, 0]))
+        print(f"\nfast-scan codes alone recall@1 {r1_codes:.3f}; re-ranked on {refine} {r1:.3f}")
+        floor, tol = (0.99, 1e-3) if refine == "fp16" else (0.95, 1e-2)  # 8-bit: 1/255 of each range
+        assert r1 >= floor and r1 > r1_codes
+        same = i[:, 0] == exact_i[:, 0]
+        assert np.allclose(s[same, 0], exact_s[same, 0], atol=tol)
+        assert np.allclose(store.vectors(i[:3, 0]), flat.vectors(i[:3, 0]), atol=tol)
+        gone = exact_i[:50, 0]
+        store.remove(ids=np.unique(gone))
+        assert not np.isin(store.knn(queries[:50], 5)[1], gone).any()
+    reopened = open_gallery(path)
+    assert reopened.info()["options"]["refine"] == refine and len(reopened) == len(x) - len(np.unique(gone))
+    s2, i2 = reopened.knn(queries, 5)
+    assert not np.isin(i2, np.unique(gone)).any()
+    keep = ~np.isin(exact_i[:, 0], gone)
+    assert np.mean(i2[keep, 0] == exact_i[keep, 0]) >= floor
+
+
+def test_choose_index_reranks_when_the_budget_holds_a_copy():
+    from facebce.deploy.gallery import choose_index
+    fast = choose_index(1_000_000, 512)
+    assert fast == {"index_type": "ivfpq", "nlist": 1024, "pq_m": 128, "pq_bits": 4, "refine": "fp16", "nprobe": 256}
+    assert choose_index(1_000_000, 512, memory_gb=1.5)["refine"] == "sq8"  # 600 B a vector in 0.75 GB
+    tight = choose_index(1_000_000, 512, memory_gb=0.5)  # no copy fits: 8-bit codes, no re-ranking
+    assert "refine" not in tight and tight["pq_m"] == 128
+    with pytest.raises(FacebceError, match="refine='exact': expected one of none, sq8, fp16, flat"):
+        Gallery(8, index_type="ivfpq", refine="exact")
+    with pytest.raises(FacebceError, match="pq_bits/refine: only for ivfpq, opq"):
+        Gallery(8, index_type="flat", refine="fp16")
+    with pytest.raises(FacebceError, match="pq_bits=6: expected 8"):
+        Gallery(8, index_type="ivfpq", pq_bits=6)
+
+
 # ---- bad input -----------------------------------------------------------------------------------------
 def test_bad_input_changes_nothing(tmp_path):
     path = tmp_path / "g.faiss"
