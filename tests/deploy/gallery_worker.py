@@ -1,16 +1,26 @@
-"""Subprocess side of tests/deploy/test_gallery_store.py: a writer that adds batches and says which
-returned, or a reader that searches in a loop. Run as a script (not collected by pytest).
+"""Process side of tests/deploy/test_gallery_store.py: a writer that adds batches and says which
+returned, or a reader that searches in a loop. Not collected by pytest.
 
   writer GALLERY PREFIX FIRST LAST SEED CHECKPOINT_BYTES  -> prints "done I" after add I returned
   reader GALLERY SECONDS SEED                              -> until GALLERY.stop exists: "searches N errors E torn T"
+
+`spawn(kind, *args)` starts one as a real process forked from a multiprocessing forkserver that
+has imported numpy, FAISS and facebce once (starting a fresh interpreter and importing them took
+most of the kill -9 test's time); its stdout and stderr come back through a pipe. It can also
+run as a script: `python gallery_worker.py writer ...`.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import signal
 import sys
 import time
+import traceback
 
 import numpy as np
+
+import facebce.deploy.stores  # noqa: F401  (preloaded in the forkserver)
 
 DIM = 16
 
@@ -58,6 +68,99 @@ def reader(path: str, seconds: float, seed: int) -> None:
             errors += 1
             print(f"error {type(e).__name__}: {e}", flush=True)
     print(f"searches {searches} errors {errors} torn {torn}", flush=True)
+
+
+class _Stream:
+    """A text stream that sends what is written through a Connection, tagged stdout/stderr."""
+
+    def __init__(self, conn, tag: bytes):
+        self.conn, self.tag = conn, tag
+
+    def write(self, text: str) -> int:
+        self.conn.send_bytes(self.tag + text.encode())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _child(conn, kind: str, args: tuple) -> None:
+    import faiss
+    faiss.omp_set_num_threads(1)
+    sys.stdout, sys.stderr = _Stream(conn, b"o"), _Stream(conn, b"e")
+    try:
+        (writer if kind == "writer" else reader)(*args)
+    except BaseException:
+        sys.stderr.write(traceback.format_exc())
+        raise SystemExit(1) from None
+
+
+class Worker:
+    """A forked writer/reader with Popen's parts the tests use: readline, kill, communicate, returncode."""
+
+    def __init__(self, kind: str, args: tuple):
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["gallery_worker"])
+        self._conn, child = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(target=_child, args=(child, kind, args), daemon=True)
+        self._proc.start()
+        child.close()
+        self._out, self._err, self._lines = b"", b"", []
+
+    def _take(self, timeout: float | None) -> bool:
+        """Read one message (False at end of stream or timeout)."""
+        if not self._conn.poll(timeout):
+            return False
+        try:
+            msg = self._conn.recv_bytes()
+        except (EOFError, OSError):
+            return False
+        if msg[:1] == b"o":
+            self._out += msg[1:]
+        else:
+            self._err += msg[1:]
+        return True
+
+    def readline(self, timeout: float = 120.0) -> bytes:
+        end = time.monotonic() + timeout
+        while b"\n" not in self._out[self._read_upto():]:
+            if not self._take(max(0.0, end - time.monotonic())):
+                break
+        start = self._read_upto()
+        cut = self._out.find(b"\n", start)
+        line = self._out[start:] if cut < 0 else self._out[start:cut + 1]
+        self._lines.append(len(line))
+        return line
+
+    def _read_upto(self) -> int:
+        return sum(self._lines)
+
+    def kill(self) -> None:
+        if self._proc.pid is not None:
+            try:
+                os.kill(self._proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def communicate(self, timeout: float = 120.0) -> tuple[bytes, bytes]:
+        """Everything it printed after the lines read (stdout) and all of stderr, once it ended."""
+        end = time.monotonic() + timeout
+        while self._take(max(0.0, end - time.monotonic())):
+            pass
+        self._proc.join(max(0.0, end - time.monotonic()))
+        if self._proc.exitcode is None:
+            raise TimeoutError(f"gallery worker {self._proc.pid} still running after {timeout} s")
+        self._conn.close()
+        return self._out[self._read_upto():], self._err
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.exitcode
+
+
+def spawn(kind: str, *args) -> Worker:
+    """A writer (path, prefix, first, last, seed, checkpoint_bytes) or reader (path, seconds, seed)."""
+    return Worker(kind, tuple(args))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The gallery store: durability under kill -9, concurrent writers and readers, the writers' lock,
 damaged journals, names kept exactly, IVF-PQ/OPQ recall and decision agreement, and bad input.
 
-Real processes (subprocess + SIGKILL), real files and fsync; bounded in count and time.
+Real processes (forked from a forkserver, killed with SIGKILL), real files and fsync; bounded in count
+and time.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,17 +21,10 @@ from facebce.deploy.journal import read_journal
 from facebce.deploy.store import FaissStore, GalleryLockTimeout
 from facebce.errors import DataFormatError, FacebceError
 
-REPO = Path(__file__).resolve().parents[2]
-WORKER = str(Path(__file__).with_name("gallery_worker.py"))
 sys.path.insert(0, str(Path(__file__).parent))
-from gallery_worker import DIM, batch  # noqa: E402
+from gallery_worker import DIM, batch, spawn  # noqa: E402
 
 SEED = 7
-
-
-def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-            "OMP_NUM_THREADS": "1"}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -61,10 +54,8 @@ def test_kill_9_during_add_keeps_every_acknowledged_batch(tmp_path):
     tally = {"kills": 0, "acknowledged": 0, "in_flight_kept": 0, "in_flight_absent": 0, "torn_tails_cut": 0}
     next_batch = 0
     for _ in range(22):
-        proc = subprocess.Popen([sys.executable, WORKER, "writer", str(path), "b", str(next_batch),
-                                 str(next_batch + 100_000), str(SEED), "3000"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
-        assert proc.stdout.readline() == b"ready\n"
+        proc = spawn("writer", str(path), "b", next_batch, next_batch + 100_000, SEED, 3000)
+        assert proc.readline() == b"ready\n"
         time.sleep(float(rng.uniform(0.0, 0.3)))
         proc.kill()
         out, err = proc.communicate(timeout=30)
@@ -102,11 +93,9 @@ def test_kill_9_during_add_keeps_every_acknowledged_batch(tmp_path):
 def test_concurrent_writers_lose_nothing_while_a_reader_searches(tmp_path, writers):
     path = tmp_path / "g.faiss"
     open_gallery(path, dim=DIM, create=True, threshold=0.5).close()
-    reader = subprocess.Popen([sys.executable, WORKER, "reader", str(path), "120", str(SEED)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
-    assert reader.stdout.readline() == b"ready\n"
-    procs = [subprocess.Popen([sys.executable, WORKER, "writer", str(path), f"w{k}_", "0", "50", str(SEED), "6000"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env()) for k in range(writers)]
+    reader = spawn("reader", str(path), 120.0, SEED)
+    assert reader.readline() == b"ready\n"
+    procs = [spawn("writer", str(path), f"w{k}_", 0, 50, SEED, 6000) for k in range(writers)]
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()[-500:]
