@@ -381,7 +381,7 @@ def _peer_arch(arch: str, peer, args) -> list[Row]:
     return [Row("train", f"{arch} + ArcFace step, batch {b}, {classes:,} classes: facebce {label} vs arcface_torch",
                 ours_med, peer_med, "samples/s", ratio, 3.0, "arcface_torch's own step, fp32, .cuda() shimmed",
                 f"median of {rounds} interleaved rounds of {steps} step{'s' if steps > 1 else ''} each; per-round "
-                f"ratios {', '.join(f'{q:.2f}' for q in ratios)}")]
+                f"ratios {', '.join(f'{q:.3g}' for q in ratios)}")]
 
 
 def _facebce_auto(arch: str, classes: int, x: torch.Tensor, y: torch.Tensor, tmp: str):
