@@ -419,7 +419,7 @@ def _facebce_auto(arch: str, classes: int, x: torch.Tensor, y: torch.Tensor, tmp
     best = min(times, key=times.get)
     say(f"[train] {arch}: {why}; timed each setting: "
         + ", ".join(f"{k} {b / t:.2f} samples/s" for k, t in times.items()) + f"; using {best}")
-    return f"{best} (fastest of 4 timed here)", fns[best]
+    return f"{best} (fastest of {len(fns)} timed here)", fns[best]
 
 
 def _resolved(tr):
