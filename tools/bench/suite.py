@@ -155,9 +155,12 @@ def _synthetic_rec(folder: Path, identities: int, images: int) -> Path:
 # ----------------------------------------------------------------------------------------- train
 def bench_train(args) -> list[Row]:
     rows = []
-    for arch in args.archs:
-        rows += _train_step(arch, args)
-    rows += _partial_fc(args)
+    if not args.peer_only:
+        for arch in args.archs:
+            rows += _train_step(arch, args)
+        rows += _partial_fc(args)
+    if args.peer_arcface is not None:
+        rows += bench_peer_arcface(args)
     return rows
 
 
@@ -301,6 +304,135 @@ def _partial_fc(args) -> list[Row]:
             Row("train", f"Partial-FC r=0.1 peak memory, {classes:,} classes", pfc["peak_rss"] / 2**30,
                 full["peak_rss"] / 2**30, "GiB", full["peak_rss"] / pfc["peak_rss"], None, "full head (r=1)",
                 "ratio = full / Partial-FC")]
+
+
+# the head arcface_torch trains with (configs/base.py: margin_list (1.0, 0.5, 0.0), s = 64), in facebce's terms
+ARCFACE_HEAD = {"name": "softmax_norm", "scale": 64, "margin_list": [1.0, 0.5, 0.0]}
+# without `amp: auto` in the config: these, timed here, and the fastest one used
+FALLBACK_SETTINGS = (("fp32 NCHW", {}), ("bf16", {"amp": "bf16"}), ("channels_last", {"channels_last": True}),
+                     ("bf16 + channels_last", {"amp": "bf16", "channels_last": True}))
+
+
+def bench_peer_arcface(args) -> list[Row]:
+    """arcface_torch's own step (tools/bench/peer_arcface.py, from --peer-arcface DIR) vs facebce's Trainer
+    step with its automatic setting, same architecture, batch, classes and ArcFace loss, interleaved in
+    this process: each round times one block of --peer-steps steps of each, back to back (the order
+    alternating); the figure is the median over --peer-rounds rounds of the per-round ratio."""
+    import peer_arcface
+
+    try:
+        peer = peer_arcface.load_peer(args.peer_arcface)
+    except peer_arcface.PeerError as e:
+        say(f"[train] {e}; no arcface_torch rows")
+        return []
+    say(f"[train] peer: arcface_torch from {peer.folder}, run on the CPU with these shims:")
+    for s in peer_arcface.SHIMS:
+        say(f"          - {s}")
+    torch.set_num_threads(args.threads)
+    group = peer_arcface.ProcessGroup()
+    rows = []
+    try:
+        for arch in args.archs:
+            rows += _peer_arch(arch, peer, args)
+    finally:
+        group.close()
+    return rows
+
+
+def _peer_arch(arch: str, peer, args) -> list[Row]:
+    import statistics
+
+    import peer_arcface
+
+    b, classes, steps, rounds = args.train_batch, args.peer_classes, args.peer_steps, args.peer_rounds
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(b, 3, 112, 112, generator=g) * 2 - 1
+    y = torch.randint(0, classes, (b,), generator=g)
+    torch.manual_seed(0)
+    try:
+        theirs = peer_arcface.PeerStep(peer, arch, classes, x, y)
+    except Exception as e:  # their get_model may not know the arch
+        say(f"[train] --peer-arcface {peer.folder}: arcface_torch could not build {arch}: {type(e).__name__}: {e}")
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        label, ours = _facebce_auto(arch, classes, x, y, tmp)
+
+        def block(fn):
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            return steps * b / (time.perf_counter() - t)
+        theirs.step()  # warm-up (first-run allocations, oneDNN kernel choice)
+        ours()
+        peer_sps, our_sps = [], []
+        for r in range(rounds):
+            if r % 2 == 0:
+                peer_sps.append(block(theirs.step))
+                our_sps.append(block(ours))
+            else:
+                our_sps.append(block(ours))
+                peer_sps.append(block(theirs.step))
+            say(f"[train] {arch} vs arcface_torch, round {r + 1}/{rounds}: facebce {our_sps[-1]:.2f} samples/s, "
+                f"arcface_torch {peer_sps[-1]:.2f} ({our_sps[-1] / peer_sps[-1]:.2f}x)")
+    ratios = [o / p for o, p in zip(our_sps, peer_sps)]
+    ratio, ours_med, peer_med = statistics.median(ratios), statistics.median(our_sps), statistics.median(peer_sps)
+    say(f"[train] {arch} + ArcFace, batch {b}, {classes:,} classes: facebce {label} {ours_med:.2f} samples/s vs "
+        f"arcface_torch fp32 {peer_med:.2f}; median ratio {ratio:.2f}x over {rounds} rounds (target 3x)")
+    return [Row("train", f"{arch} + ArcFace step, batch {b}, {classes:,} classes: facebce {label} vs arcface_torch",
+                ours_med, peer_med, "samples/s", ratio, 3.0, "arcface_torch's own step, fp32, .cuda() shimmed",
+                f"median of {rounds} interleaved rounds of {steps} step{'s' if steps > 1 else ''} each; per-round "
+                f"ratios {', '.join(f'{q:.3g}' for q in ratios)}")]
+
+
+def _facebce_auto(arch: str, classes: int, x: torch.Tensor, y: torch.Tensor, tmp: str):
+    """(label, step function): facebce's Trainer with `amp: auto` + `channels_last: auto` when this facebce's
+    config takes them; otherwise the fastest of FALLBACK_SETTINGS, timed here (interleaved)."""
+    from facebce.errors import ConfigError
+    from timing import interleaved_medians
+
+    b = len(x)
+
+    def stepper(tr):
+        tr.model.train()
+
+        def engine_step():
+            tr.optimizer.zero_grad(set_to_none=True)
+            tr._forward_backward(x, y, False, True)
+            tr._optimizer_step(False)
+        return engine_step
+    why = "amp: auto not in this facebce's config"
+    try:
+        tr = _trainer(arch, classes, b, str(Path(tmp) / "auto"), head=ARCFACE_HEAD, amp="auto",
+                      channels_last="auto")
+    except ConfigError as e:
+        why = f"amp: auto refused ({e})"
+    else:
+        amp, cl = _resolved(tr)
+        if amp is not None:
+            return f"auto -> {_setting_label(amp, cl)}", stepper(tr)
+        why = "the Trainer had not resolved amp: auto when built"
+        del tr
+    trainers = {label: _trainer(arch, classes, b, str(Path(tmp) / str(k)), head=ARCFACE_HEAD, **over)
+                for k, (label, over) in enumerate(FALLBACK_SETTINGS)}
+    fns = {label: stepper(tr) for label, tr in trainers.items()}
+    times = interleaved_medians(fns, 2)
+    best = min(times, key=times.get)
+    say(f"[train] {arch}: {why}; timed each setting: "
+        + ", ".join(f"{k} {b / t:.2f} samples/s" for k, t in times.items()) + f"; using {best}")
+    return f"{best} (fastest of {len(fns)} timed here)", fns[best]
+
+
+def _resolved(tr):
+    """(amp, channels_last) the Trainer settled on for `auto`, or (None, None) if it has not."""
+    res = getattr(tr, "autotune", None)
+    amp, cl = getattr(res, "amp", tr.cfg.amp), getattr(res, "channels_last", tr.cfg.channels_last)
+    if amp == "auto" or cl == "auto":
+        return None, None
+    return amp, bool(cl)
+
+
+def _setting_label(amp: str, channels_last: bool) -> str:
+    return " + ".join([{"none": "fp32"}.get(amp, amp)] + ["channels_last" if channels_last else "NCHW"])
 
 
 # ------------------------------------------------------------------------------------------ eval
@@ -578,6 +710,13 @@ def main(argv=None) -> int:
     ap.add_argument("--archs", nargs="+", default=["r50", "mbf"])
     ap.add_argument("--compile", action="store_true", help="train: also time torch.compile (minutes of compiling)")
     ap.add_argument("--pfc-classes", type=int, default=1_000_000)
+    ap.add_argument("--peer-arcface", type=Path, default=None, metavar="DIR",
+                    help="train: also time arcface_torch's own step (a copy of insightface's "
+                         "recognition/arcface_torch) against facebce's automatic setting")
+    ap.add_argument("--peer-classes", type=int, default=10_000, help="train: classes of the peer comparison")
+    ap.add_argument("--peer-rounds", type=int, default=4, help="train: interleaved peer/facebce rounds")
+    ap.add_argument("--peer-steps", type=int, default=2, help="train: steps per peer or facebce block in a round")
+    ap.add_argument("--peer-only", action="store_true", help="train: only the arcface_torch peer rows")
     ap.add_argument("--ijb-rounds", type=int, default=2, help="eval: interleaved IJB-C rounds (each ~2 min)")
     ap.add_argument("--onnx-batches", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--gallery-sizes", nargs="+", type=int, default=[100_000, 1_000_000])
