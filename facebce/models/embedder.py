@@ -240,10 +240,14 @@ def ort_session_options(intra_op_threads: int | None = None) -> "ort.SessionOpti
     """The onnxruntime session settings facebce runs recognition models with (OnnxEmbedder, the
     benchmarks): every graph optimisation (conv+BN+PReLU fusion, the NCHWc layout on x86), no log lines
     of onnxruntime's own (failures reach the caller as exceptions) and
-    `intra_op_threads` CPU threads (None: onnxruntime's default, one per core)."""
+    `intra_op_threads` CPU threads (None: one per core this process may run on — its CPU affinity,
+    as set by taskset or a container's cpuset; onnxruntime's own default counts the machine's cores,
+    and more threads than cores spin against each other)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 4  # fatal only: a failing run is one ModelError line, not ORT's own log lines
+    if intra_op_threads is None and hasattr(os, "sched_getaffinity"):
+        intra_op_threads = len(os.sched_getaffinity(0))
     if intra_op_threads is not None:
         options.intra_op_num_threads = int(intra_op_threads)
     return options

@@ -100,7 +100,7 @@ def start_server(gallery: Path, log: Path, detector: bool, timeout: float = 300.
            "--gallery", str(gallery), "--port", str(port), "--host", "127.0.0.1"]
     if detector:
         cmd += ["--detector", str(DETECTOR)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
