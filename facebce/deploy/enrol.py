@@ -155,7 +155,9 @@ def migrate(src, dst, *, lock_timeout: float = 30.0, say=print) -> str:
     with open_gallery(src, lock_timeout=lock_timeout) as source:
         info = source.info()
         if not info.get("exact_vectors", True):
-            say(f"note: {src} stores product-quantised codes; the copy holds their reconstructions")
+            kept = info.get("stored_vectors", "pq codes")
+            say(f"note: {src} keeps its vectors as {kept}; the copy holds "
+                + ("the codes' reconstructions" if kept == "pq codes" else f"the {kept} values"))
         options = {"mode": info["mode"]}
         if not str(dst).startswith("milvus"):
             options["index_type"] = info["index_type"] if info.get("backend") == "faiss" else "flat"

@@ -248,7 +248,10 @@ class FaissStore:
             g = self.gallery
             return {**g.info(), "backend": self.backend, "path": str(self.path), "journal_seq": self._seq,
                     "journal_records_since_checkpoint": self._seq - self._ckpt_seq,
-                    "exact_vectors": g.index_type in EXACT_TYPES}
+                    "exact_vectors": g.index_type in EXACT_TYPES or g.options["refine"] == "flat",
+                    "stored_vectors": ("float32" if g.index_type in EXACT_TYPES else
+                                       {"none": "pq codes", "flat": "float32"}.get(g.options["refine"],
+                                                                                   g.options["refine"]))}
 
     def search(self, queries, k: int = 5, threshold: float | None = None, *, nprobe: int | None = None):
         """Gallery.search on the latest committed state (the journal is checked first)."""

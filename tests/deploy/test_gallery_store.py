@@ -345,6 +345,13 @@ def test_fast_scan_codes_reranked_find_the_exact_top1(refine, tmp_path, one_fais
     assert not np.isin(i2, np.unique(gone)).any()
     keep = ~np.isin(exact_i[:, 0], gone)
     assert np.mean(i2[keep, 0] == exact_i[keep, 0]) >= floor
+    from facebce.deploy.enrol import migrate
+    said = []
+    migrate(path, tmp_path / "copy.faiss", say=said.append)  # re-trained and re-quantised from the copy
+    assert said == [f"note: {path} keeps its vectors as {refine}; the copy holds the {refine} values"]
+    copy = open_gallery(tmp_path / "copy.faiss")
+    assert copy.info()["options"]["refine"] == refine and copy.ids.tolist() == reopened.ids.tolist()
+    assert np.allclose(copy.vectors(copy.ids[:20]), reopened.vectors(reopened.ids[:20]), atol=tol)
 
 
 def test_choose_index_reranks_when_the_budget_holds_a_copy():
