@@ -12,6 +12,11 @@ weights with >= 2 dimensions and the class centres: never on biases, BN/PReLU pa
 head's bias (the learned threshold; decay would pull it toward 0). Gradient clipping applies to the
 backbone (arcface_torch: norm 5), whose gradient DDP has already averaged.
 
+`amp: auto` / `channels_last: auto` (the defaults) are resolved before the first step: a resumed run
+reuses its checkpoint's recorded choice; otherwise `facebce.train.autotune.choose` times the
+candidates on copies of the model with the first batch (a run too short to pay for that keeps fp32
+NCHW), and the choice is applied exactly as the explicit settings are.
+
 The module is over 450 lines because it is one class: the Trainer's builders (runtime, data, model,
 optimizer, loop state, callbacks), its loop and its resume logic share the trainer's state, and
 splitting them across files would scatter one object's methods.
@@ -316,7 +321,7 @@ class Trainer:
         batches = self._batches()
         if self.amp is None or self.channels_last is None:
             first = next(batches)
-            self._autotune(*first)
+            self.tune_settings(*first)
             batches = itertools.chain([first], batches)
         elif self.cfg.amp == "auto" or self.cfg.channels_last == "auto":
             self.say(f"autotune: {self.autotune_source}: amp {self.amp}, channels_last {self.channels_last}")
@@ -351,9 +356,10 @@ class Trainer:
             write_json_atomic(self.run_dir / "results.json", result.to_json())
         return result
 
-    def _autotune(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        """Every rank times the candidates in step (the head's collectives keep them together); rank
-        0's choice is broadcast, applied as the explicit settings are, logged and recorded."""
+    def tune_settings(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Resolve `auto` on this batch (`fit` calls it with the first one): every rank times the
+        candidates in step (the head's collectives keep them together); rank 0's choice is broadcast,
+        applied as the explicit settings are, logged and recorded (autotune.json, config.yaml)."""
         cands = autotune.candidate_settings(self.device, self.amp, self.channels_last, compile=self.cfg.compile)
         result = autotune.choose(self.backbone, self.head, self._device_images(images), labels.to(self.device),
                                  self.device, candidates=cands, steps=AUTOTUNE_STEPS,

@@ -204,3 +204,65 @@ def test_a_short_run_is_not_tuned(tmp_path, monkeypatch, capsys):
     assert "autotune: not tuned: a 2-pass run (tuning costs ~13): amp none, channels_last False" in out
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert (saved["amp"], saved["channels_last"]) == ("none", False)
+
+
+_DIST_WORKER = r"""
+import os, sys
+from pathlib import Path
+from facebce.train import Trainer, autotune
+from tests.train.helpers import tiny_config
+autotune.RUN_FRACTION = 1e9  # tune even this 2-step run
+real_choose = autotune.choose
+def disagreeing_choose(*args, **kwargs):  # the real tuning, then the ranks' answers made to differ
+    result = real_choose(*args, **kwargs)
+    result.channels_last = os.environ["RANK"] == "0"
+    return result
+autotune.choose = disagreeing_choose
+cfg = tiny_config(Path(sys.argv[1]), steps=2, amp="none", channels_last="auto",
+                  head={"name": "bce_u_norm", "sample_rate": 0.5}, checkpoint={"every_steps": 0})
+trainer = Trainer(cfg)
+try:
+    r = trainer.fit()
+finally:
+    trainer.close()
+print("RESULT", r.steps, r.loss, trainer.amp, trainer.channels_last)
+"""
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(240)
+def test_two_gloo_processes_tune_together_and_agree(tmp_path):
+    """Both ranks time the candidates in step (the head all-gathers); rank 0's choice (made channels_last
+    here, rank 1's made NCHW) is what both train with, DDP re-wrapped around the channels_last backbone."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", _DIST_WORKER, str(tmp_path)], cwd=repo, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=200)
+            assert p.returncode == 0, err[-3000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    results = [line.split() for out in outs for line in out.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 2 and results[0] == results[1]  # same loss, same amp and layout on both ranks
+    assert results[0][3:] == ["none", "True"]
+    record = json.loads((tmp_path / "autotune.json").read_text())
+    assert (record["amp"], record["channels_last"]) == ("none", True)
+    assert record["world_size"] == 2
