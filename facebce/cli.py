@@ -229,6 +229,9 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-score", type=float)
     for name in ("max-request-bytes", "max-image-pixels", "max-images", "max-k", "max-batch", "intra-op-threads"):
         p.add_argument(f"--{name}", type=int)
+    p.add_argument("--inference-sessions", type=int,
+                   help="ONNX sessions embedding in parallel (default: measured at start, one on every core "
+                        "vs one single-threaded session per core)")
     p.add_argument("--max-wait-ms", type=float, help="micro-batching: longest wait for more faces")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
 

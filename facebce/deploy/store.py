@@ -341,8 +341,9 @@ class FaissStore:
     def _checkpoint_limit(self, g: Gallery) -> int:
         if self._checkpoint_bytes is not None:
             return self._checkpoint_bytes
+        o = g.options
         per_vector = (4 * g.dim if g.index_type in EXACT_TYPES else
-                      (g.options["pq_m"] or 64) * g.options["pq_bits"] // 8 + 24 + _REFINE_BYTES[g.options["refine"]] * g.dim)
+                      (o["pq_m"] or 64) * o["pq_bits"] // 8 + 24 + _REFINE_BYTES[o["refine"]] * g.dim)
         return max(_MIN_CHECKPOINT_BYTES, len(g) * per_vector)
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class ServeConfig:
     std: str | None = None
     flip: bool = True
     intra_op_threads: int | None = None
+    inference_sessions: int | None = None  # None: measured at start (Engine: choose_sessions)
     # the gallery's threshold when the server creates the gallery (a number; None: the model's metadata)
     threshold: str | None = None
     index: str = "flat"
@@ -70,8 +71,9 @@ class ServeConfig:
             raise ConfigError(f"color={self.color!r}: expected rgb or bgr")
         if self.det_size % 32:
             raise ConfigError(f"det_size={self.det_size}: expected a multiple of 32")
-        if self.intra_op_threads is not None and self.intra_op_threads <= 0:
-            raise ConfigError(f"intra_op_threads={self.intra_op_threads}: expected a positive integer")
+        for name in ("intra_op_threads", "inference_sessions"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)}: expected a positive integer")
 
     @property
     def loopback(self) -> bool:

@@ -1,10 +1,14 @@
 """The service's work outside the event loop: images -> faces -> embeddings -> gallery.
 
-- `MicroBatcher`: one worker thread that takes jobs (rows of an array) from a queue, gathers those
-  waiting — up to `max_batch` rows, waiting at most `max_wait` seconds after the first — runs one
-  call on all of them and hands each job its rows back. Concurrent requests' faces are embedded in
-  one ONNX call, and their probes searched in one gallery call. If the shared call fails, each job
-  is retried alone so a bad request cannot fail its neighbours.
+- `MicroBatcher`: worker threads that take jobs (rows of an array) from one queue; each gathers
+  those waiting — up to `max_batch` rows, waiting at most `max_wait` seconds after the first —
+  runs one call on all of them and hands each job its rows back. Concurrent requests' faces are
+  embedded in one ONNX call, and their probes searched in one gallery call. If the shared call
+  fails, each job is retried alone so a bad request cannot fail its neighbours.
+- Inference sessions: one ONNX session using every core, or one single-threaded session per core
+  each with its own embedding worker (a small model's layers are too small to split across cores,
+  so independent requests in parallel can do more). `inference_sessions` fixes the number; by
+  default the engine times both on the model at start and keeps the faster (`choose_sessions`).
 - `Engine`: decodes and checks images (header-checked decoding: decompression bombs are refused
   before any pixel is decoded), aligns faces with the detector when one is configured, owns the
   embedder and its batcher, the search batcher, and the gallery with its single writer thread:
@@ -13,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -51,18 +56,22 @@ def sniff_image(data: bytes) -> str | None:
 
 
 class MicroBatcher:
-    """Dynamic micro-batching on one worker thread (module docstring). `fn(rows, params)` gets the
-    concatenated rows and the jobs' params, and returns a list with one result per row."""
+    """Dynamic micro-batching (module docstring). `fn(rows, params, sizes)` gets the concatenated
+    rows, the jobs' params and row counts, and returns a list with one result per row; a list of
+    functions gives one worker thread each, all taking batches from the same queue."""
 
-    def __init__(self, name: str, fn: Callable, max_batch: int, max_wait: float,
+    def __init__(self, name: str, fn: Callable | list[Callable], max_batch: int, max_wait: float,
                  on_batch: Callable[[int], None] | None = None):
-        self.name, self.fn = name, fn
+        self.name = name
         self.max_batch, self.max_wait = int(max_batch), float(max_wait)
         self.on_batch = on_batch
         self._q: queue.Queue = queue.Queue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"facebce-{name}", daemon=True)
-        self._thread.start()
+        fns = fn if isinstance(fn, list) else [fn]
+        self._threads = [threading.Thread(target=self._loop, args=(f,), name=f"facebce-{name}-{i}", daemon=True)
+                         for i, f in enumerate(fns)]
+        for t in self._threads:
+            t.start()
 
     def submit(self, rows: np.ndarray, params=None) -> Future:
         fut: Future = Future()
@@ -77,13 +86,18 @@ class MicroBatcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._q.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:
+            self._q.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
 
-    def _loop(self) -> None:
+    def _loop(self, fn: Callable) -> None:
         pending = None
         while not self._stop.is_set():
-            job = pending or self._q.get()
+            try:  # poll: another worker's drain may take the None meant for this one
+                job = pending or self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
             pending = None
             if job is None:
                 break
@@ -97,14 +111,15 @@ class MicroBatcher:
                     break
                 if nxt is None:
                     self._stop.set()
+                    self._q.put(None)  # the other workers' stop signal
                     break
                 if n + len(nxt[0]) > self.max_batch:
                     pending = nxt  # starts the next batch
                     break
                 jobs.append(nxt)
                 n += len(nxt[0])
-            self._run(jobs)
-        for rows, params, fut in self._drain():
+            self._run(fn, jobs)
+        for rows, params, fut in ([pending] if pending else []) + list(self._drain()):
             fut.set_exception(ServiceError(503, "shutting_down", "the server is stopping"))
 
     def _drain(self):
@@ -116,16 +131,15 @@ class MicroBatcher:
             if job is not None:
                 yield job
 
-    def _run(self, jobs) -> None:
+    def _run(self, fn: Callable, jobs) -> None:
         if self.on_batch:
             self.on_batch(sum(len(j[0]) for j in jobs))
         try:
-            out = self.fn(np.concatenate([j[0] for j in jobs]), [j[1] for j in jobs],
-                          [len(j[0]) for j in jobs])
+            out = fn(np.concatenate([j[0] for j in jobs]), [j[1] for j in jobs], [len(j[0]) for j in jobs])
         except Exception:
             if len(jobs) > 1:  # find the job that fails; the others still get their answer
                 for job in jobs:
-                    self._run([job])
+                    self._run(fn, [job])
                 return
             out = None
             err = _as_exception()
@@ -173,8 +187,12 @@ class Engine:
             raise FacebceError(f"{spec.path}: facebce serve runs ONNX models (export one with 'facebce export')")
         from facebce.models.embedder import OnnxEmbedder, Preprocess
         pre = None if mean is None else Preprocess(color=config.color, mean=mean, std=std)
-        self.embedder = OnnxEmbedder(spec.path, preprocess=pre, batch_size=config.max_batch, flip=config.flip,
-                                     normalize=True, progress=False, intra_op_threads=config.intra_op_threads)
+
+        def session(threads: int | None) -> OnnxEmbedder:
+            return OnnxEmbedder(spec.path, preprocess=pre, batch_size=config.max_batch, flip=config.flip,
+                                normalize=True, progress=False, intra_op_threads=threads)
+        self.embedders = choose_sessions(session, config.inference_sessions, config.intra_op_threads, log)
+        self.embedder = self.embedders[0]
         self.size = self.embedder.input_size
         self.dim = self.embedder.embedding_size
         if self.dim is None:
@@ -193,8 +211,8 @@ class Engine:
         self.store = _open_store(config, threshold, self.dim, self.embedder, log)
         self.threshold_source = "gallery"
         wait = config.max_wait_ms / 1000.0
-        self._embed_batcher = MicroBatcher("embed", self._embed_rows, config.max_batch, wait,
-                                           on_batch=self._note_batch("embed"))
+        self._embed_batcher = MicroBatcher("embed", [self._embed_with(e) for e in self.embedders], config.max_batch,
+                                           wait, on_batch=self._note_batch("embed"))
         self._search_batcher = MicroBatcher("search", self._search_rows, config.max_batch, wait,
                                             on_batch=self._note_batch("search"))
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facebce-gallery-writer")
@@ -256,8 +274,11 @@ class Engine:
         return results
 
     # ---- embeddings and search ----------------------------------------------------------------
-    def _embed_rows(self, crops: np.ndarray, params, sizes) -> np.ndarray:
-        return self.embedder.embed(crops)
+    @staticmethod
+    def _embed_with(embedder):
+        def embed_rows(crops: np.ndarray, params, sizes) -> np.ndarray:
+            return embedder.embed(crops)
+        return embed_rows
 
     async def embed(self, faces: list[Face]) -> np.ndarray:
         return await self._embed_batcher.run(np.stack([f.crop for f in faces]))
@@ -285,6 +306,50 @@ class Engine:
 
     async def read(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(None, lambda: fn(*args, **kwargs))
+
+
+def choose_sessions(make: Callable, sessions: int | None, intra_op_threads: int | None, log=print,
+                    seconds: float = 0.6) -> list:
+    """The inference sessions the engine embeds with: `sessions` of them when given (each with
+    `intra_op_threads`, default: one thread each when there are several, else onnxruntime's
+    default); otherwise both candidates — one session on every core, one single-threaded session
+    per core — embed blank crops for `seconds` each, alternately (twice) so both see the same machine, and
+    the one with more images per second is kept. The choice and the rates are logged in one line."""
+    if sessions is not None:
+        threads = intra_op_threads if intra_op_threads is not None else (1 if sessions > 1 else None)
+        return [make(threads) for _ in range(sessions)]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    one = make(intra_op_threads)
+    if cores < 2:
+        return [one]
+    many = [make(1) for _ in range(cores)]
+    crop = np.zeros((1, *one.input_size, 3), np.uint8)
+    for e in (one, *many):
+        e.embed(crop)  # warm-up: first runs allocate
+
+    def rate(group: list) -> float:
+        done, stop = [0] * len(group), time.perf_counter() + seconds
+
+        def work(i: int, e) -> None:
+            while time.perf_counter() < stop:
+                e.embed(crop)
+                done[i] += 1
+        threads = [threading.Thread(target=work, args=(i, e)) for i, e in enumerate(group)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(done) / (time.perf_counter() - start)
+    r_one = r_many = 0.0
+    for _ in range(2):
+        r_one += rate([one])
+        r_many += rate(many)
+    best = many if r_many > r_one else [one]
+    log(f"inference: {len(best)} session(s) ({'1 thread each' if best is many else 'all cores'}): measured "
+        f"{r_many / 2:.1f} img/s with {cores} single-threaded sessions vs {r_one / 2:.1f} with one "
+        f"{'on every core' if intra_op_threads is None else f'of {intra_op_threads} threads'}")
+    return best
 
 
 def _open_store(config: ServeConfig, threshold, dim: int, embedder, log):

@@ -361,7 +361,7 @@ def test_fast_scan_codes_reranked_find_the_exact_top1(refine, tmp_path, one_fais
 def test_choose_index_reranks_when_the_budget_holds_a_copy():
     from facebce.deploy.gallery import choose_index
     fast = choose_index(1_000_000, 512)
-    assert fast == {"index_type": "ivfpq", "nlist": 1024, "pq_m": 128, "pq_bits": 4, "refine": "fp16", "nprobe": 256}
+    assert fast == {"index_type": "ivfpq", "nlist": 1024, "pq_m": 128, "pq_bits": 4, "refine": "fp16", "nprobe": 512}
     assert choose_index(1_000_000, 512, memory_gb=1.5)["refine"] == "sq8"  # 600 B a vector in 0.75 GB
     tight = choose_index(1_000_000, 512, memory_gb=0.5)  # no copy fits: 8-bit codes, no re-ranking
     assert "refine" not in tight and tight["pq_m"] == 128
