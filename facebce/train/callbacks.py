@@ -293,7 +293,7 @@ class Verification(Periodic):
             return
         start = time.perf_counter()
         embedder = TorchEmbedder(trainer.backbone, batch_size=self.batch_size, flip=self.flip, normalize=True,
-                                 channels_last=trainer.cfg.channels_last, autocast_dtype=trainer.autocast_dtype,
+                                 channels_last=trainer.channels_last, autocast_dtype=trainer.autocast_dtype,
                                  progress=False)
         threshold = trainer.head.threshold
         parts = []
@@ -356,7 +356,7 @@ class ClassificationVal(Periodic):
             return
         start = time.perf_counter()
         embedder = TorchEmbedder(trainer.backbone, batch_size=self.batch_size, flip=False, normalize=False,
-                                 channels_last=trainer.cfg.channels_last, autocast_dtype=trainer.autocast_dtype,
+                                 channels_last=trainer.channels_last, autocast_dtype=trainer.autocast_dtype,
                                  progress=False)
         weight, thresholds = centres
         scores = class_scores(score_kind(trainer), weight, embedder.embed(self.images))

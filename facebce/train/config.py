@@ -30,14 +30,14 @@ import yaml
 import torch
 
 from facebce.errors import ConfigError, DataFormatError, FacebceError, ModelError
-from facebce.fileio import load_yaml_file
+from facebce.fileio import atomic_write_text, load_yaml_file
 from facebce.heads import build_head, check_config, list_heads
 from facebce.models import BUILD_ERRORS, build_backbone
 from facebce.resources import recipe_path, resolve_base
 
 DATA_KINDS = ("synthetic", "rec", "folder")
 OPTIMIZERS = ("sgd", "adamw")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "bf16", "fp16", "auto")  # auto: timed at the start (facebce.train.autotune)
 PFC_KEYS = ("sample_rate", "neg_rescale")  # head-section keys that belong to Partial-FC, not the head
 MAX_INT = 2**63  # every int of a recipe fits an int64 (torch, numpy)
 MAX_SEED = 2**32  # seeds feed numpy's legacy seeding (< 2**32) and torch.manual_seed
@@ -138,8 +138,8 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     steps: Optional[int] = None         # optimizer steps; or
     epochs: Optional[float] = None
-    amp: str = "none"
-    channels_last: bool = False
+    amp: str = "auto"                   # none | bf16 | fp16 | auto (the fastest that keeps fp32's gradient)
+    channels_last: Union[bool, str] = "auto"  # true | false | auto
     compile: bool = False
     seed: int = 0
     deterministic: bool = False
@@ -257,8 +257,19 @@ def _coerce(tp, value: Any, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        inner = [a for a in args if a is not type(None)]
+        for tp in inner[:-1]:  # several types (channels_last: bool or "auto"): the first that takes the value
+            try:
+                return _coerce(tp, value, key)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(inner[-1], value, key)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        names = " or ".join(getattr(a, "__name__", str(a)) for a in inner)
+        raise ConfigError(f"{key}: expected {names}, got {value!r} ({type(value).__name__})")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key + ".")
     if tp is bool:
@@ -352,6 +363,8 @@ def validate(cfg: TrainConfig) -> None:
           f"must be a finite number > 0, got {cfg.epochs}")
     _need(0 <= cfg.seed < MAX_SEED, "seed", f"must be in [0, 2**32), got {cfg.seed}")
     _need(cfg.amp in AMP_MODES, "amp", f"{cfg.amp!r} is not one of {', '.join(AMP_MODES)}")
+    _need(cfg.channels_last in (True, False, "auto"), "channels_last",
+          f"{cfg.channels_last!r} is not one of true, false, auto")
     _need(cfg.num_threads is None or cfg.num_threads >= 1, "num_threads", "must be >= 1 or null")
     c = cfg.checkpoint
     _need(c.every_steps >= 0, "checkpoint.every_steps", "must be >= 0 (0 = only at the end)")
@@ -416,4 +429,4 @@ def _first_line(e: BaseException) -> str:
 
 def save_config(cfg: TrainConfig, path: Union[str, os.PathLike]) -> None:
     """Write the resolved recipe (what `load_config` reads back to the same config)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

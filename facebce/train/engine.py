@@ -12,6 +12,11 @@ weights with >= 2 dimensions and the class centres: never on biases, BN/PReLU pa
 head's bias (the learned threshold; decay would pull it toward 0). Gradient clipping applies to the
 backbone (arcface_torch: norm 5), whose gradient DDP has already averaged.
 
+`amp: auto` / `channels_last: auto` (the defaults) are resolved before the first step: a resumed run
+reuses its checkpoint's recorded choice; otherwise `facebce.train.autotune.choose` times the
+candidates on copies of the model with the first batch (a run too short to pay for that keeps fp32
+NCHW), and the choice is applied exactly as the explicit settings are.
+
 The module is over 450 lines because it is one class: the Trainer's builders (runtime, data, model,
 optimizer, loop state, callbacks), its loop and its resume logic share the trainer's state, and
 splitting them across files would scatter one object's methods.
@@ -19,6 +24,8 @@ splitting them across files would scatter one object's methods.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import math
 import os
 import random
@@ -40,12 +47,16 @@ from facebce.data.verification_bin import save_bin
 from facebce.errors import ConfigError, FacebceError
 from facebce.heads import PartialFC
 from facebce.models import build_backbone
+from facebce.train import autotune
 from facebce.train import checkpoint as ckpt
 from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, MetricsLogger, ModelFiles,
                                      ProgressBar, Verification, write_json_atomic)
 from facebce.train.config import TrainConfig, load_config, save_config
 from facebce.train.loader import (SeededSamples, ShardedBatchSampler, batch_collate, batches_per_epoch, build_datasets,
                                   normalise_batch, raise_worker_errors)
+
+
+AUTOTUNE_STEPS = 3  # forward + backward passes per candidate (1 warm-up + 2 timed)
 
 
 class TrainingDiverged(FacebceError):
@@ -137,7 +148,8 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int, power:
 class Trainer:
     """Builds everything a recipe describes; `fit()` runs the loop. Attributes callbacks use:
     `cfg`, `step`, `total_steps`, `epoch`, `rank`, `world_size`, `is_main`, `backbone` (the bare
-    module), `head` (PartialFC), `run_dir`, `autocast_dtype`, `last_record`, `log()`, `say()`."""
+    module), `head` (PartialFC), `run_dir`, `amp`, `channels_last`, `autocast_dtype` (the resolved
+    settings: `auto` is tuned on the first batch, before `on_train_start`), `last_record`, `log()`, `say()`."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, callbacks: Sequence[Callback] = (),
                  resume_older: bool = False):
@@ -145,6 +157,7 @@ class Trainer:
         self._build_runtime()
         resume_from = self._find_resume(resume_older) if resume or resume_older else None
         self._build_data()
+        self._resolve_settings(resume_from)
         self._build_model()
         self._build_optimizer()
         self._build_loop_state(resume_from)
@@ -159,7 +172,6 @@ class Trainer:
         self.device = torch.device(f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu")
         if cfg.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("amp: fp16 needs CUDA (GradScaler); use bf16 on CPU")
-        self.autocast_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
         self._set_threads_and_determinism()
         self.run_dir = Path(cfg.checkpoint.dir or "runs/train")
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -185,6 +197,37 @@ class Trainer:
         self.warmup_steps = (cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
                              else int(cfg.optim.warmup_epochs * steps_per_epoch))
 
+    def _resolve_settings(self, resume_from: Optional[tuple[Path, dict]]) -> None:
+        """`amp`/`channels_last`: explicit values as given; `auto` takes a resumed run's recorded choice,
+        on CUDA bf16 (fp16 without bf16 support), else is tuned on the first batch (None until then),
+        unless tuning would cost more than a tenth of a short run (then fp32 NCHW; on CUDA its precision)."""
+        cfg = self.cfg
+        self.amp: Optional[str] = None if cfg.amp == "auto" else cfg.amp
+        self.channels_last: Optional[bool] = None if cfg.channels_last == "auto" else cfg.channels_last
+        self.autotune_source = "given"
+        if resume_from is not None and (self.amp is None or self.channels_last is None):
+            amp, layout = autotune.recorded(resume_from[1].get("config") or {}, self.device)
+            self.amp = self.amp if self.amp is not None else amp
+            self.channels_last = self.channels_last if self.channels_last is not None else layout
+            self.autotune_source = "recorded"
+        if self.amp is None and self.device.type == "cuda":  # precision is not timed on CUDA
+            self.amp, self.autotune_source = autotune.low_precision(), "CUDA (precision not timed)"
+        if self.amp is None or self.channels_last is None:
+            n = len(autotune.candidate_settings(self.device, self.amp, self.channels_last, compile=cfg.compile))
+            passes = (self.total_steps - (int(resume_from[1]["step"]) if resume_from else 0)) * cfg.optim.grad_accum
+            self.autotune_source = "tuned"
+            if not autotune.worth_tuning(passes, n, AUTOTUNE_STEPS):
+                self.autotune_source = f"not tuned: a {passes}-pass run (tuning costs ~{n * AUTOTUNE_STEPS + 1})"
+                self.amp = self.amp if self.amp is not None else "none"
+                self.channels_last = bool(self.channels_last)
+        self.autocast_dtype = autotune.AMP_DTYPES[self.amp] if self.amp is not None else None
+
+    def resolved_config(self) -> TrainConfig:
+        """The config with `auto` replaced by what this run uses (config.yaml, checkpoints: a resume reuses it)."""
+        return dataclasses.replace(self.cfg, amp=self.amp if self.amp is not None else self.cfg.amp,
+                                   channels_last=(self.channels_last if self.channels_last is not None
+                                                  else self.cfg.channels_last))
+
     def _build_model(self) -> None:
         """Backbone (identical on every rank; DDP and compile when asked), then the head shard and
         per-rank RNG streams."""
@@ -194,20 +237,25 @@ class Trainer:
         if m.init_backbone:
             ckpt.load_backbone_init(self.backbone, m.init_backbone)
         self.backbone.to(self.device)
-        if cfg.channels_last:
+        if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         seed_everything(cfg.seed + 1009 * self.rank + 1)
         head_cfg = {"name": cfg.head.name, **cfg.head.options}
         self.head = PartialFC(head_cfg, m.embedding_size, self.num_classes, cfg.head.sample_rate,
                               neg_rescale=cfg.head.neg_rescale).to(self.device)
         self.head.generator = torch.Generator(self.device).manual_seed(cfg.seed * 7919 + self.rank)
+        self._wrap_model()
+
+    def _wrap_model(self) -> None:
+        """`model` = the backbone, in DDP when several processes, compiled when asked (again after autotune
+        changes the backbone's memory format: DDP's buckets follow the parameters' layout)."""
         self.model: nn.Module = self.backbone
         self.ddp: Optional[DistributedDataParallel] = None
         if self.world_size > 1:
             self.ddp = DistributedDataParallel(self.backbone,
                                                device_ids=[self.local_rank] if self.device.type == "cuda" else None)
             self.model = self.ddp
-        if cfg.compile:
+        if self.cfg.compile:
             self.model = torch.compile(self.model)
 
     def _build_optimizer(self) -> None:
@@ -225,12 +273,11 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
         self.sharded = {f"head.{n}": self.head for n in self.head.head.sharded_names()}
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None  # fp16 is CUDA-only (checked above)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None  # fp16 is CUDA-only (checked above)
 
     def _build_loop_state(self, resume_from: Optional[tuple[Path, dict]]) -> None:
         """Step counters and timers; restore a checkpoint, or refuse a folder that holds another run's
         checkpoints; save the recipe."""
-        cfg = self.cfg
         self.step, self.epoch, self.epoch_samples = 0, 0, 0
         self.last_record: dict = {}
         self._pending: dict = {}
@@ -243,7 +290,7 @@ class Trainer:
             raise FacebceError(f"{self.ckpt_dir} already has checkpoints: continue that run with --resume, "
                                f"or choose another run folder (--set checkpoint.dir=...)")
         if self.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            save_config(self.resolved_config(), self.run_dir / "config.yaml")
 
     def _build_callbacks(self, callbacks: Sequence[Callback]) -> None:
         """Progress, verification, the caller's callbacks, checkpoints, the run's model files, then the
@@ -271,9 +318,15 @@ class Trainer:
     # ------------------------------------------------------------------------------ the loop
     def fit(self) -> TrainResult:
         start = time.perf_counter()
+        batches = self._batches()
+        if self.amp is None or self.channels_last is None:
+            first = next(batches)
+            self.tune_settings(*first)
+            batches = itertools.chain([first], batches)
+        elif self.cfg.amp == "auto" or self.cfg.channels_last == "auto":
+            self.say(f"autotune: {self.autotune_source}: amp {self.amp}, channels_last {self.channels_last}")
         self._call("on_train_start")
         self._tick = (time.perf_counter(), self.step)
-        batches = self._batches()
         accum = self.cfg.optim.grad_accum
         self.model.train()
         while self.step < self.total_steps:
@@ -303,12 +356,42 @@ class Trainer:
             write_json_atomic(self.run_dir / "results.json", result.to_json())
         return result
 
-    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, frozen: bool, sync: bool) -> None:
+    def tune_settings(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Resolve `auto` on this batch (`fit` calls it with the first one): every rank times the
+        candidates in step (the head's collectives keep them together); rank 0's choice is broadcast,
+        applied as the explicit settings are, logged and recorded (autotune.json, config.yaml)."""
+        cands = autotune.candidate_settings(self.device, self.amp, self.channels_last, compile=self.cfg.compile)
+        result = autotune.choose(self.backbone, self.head, self._device_images(images), labels.to(self.device),
+                                 self.device, candidates=cands, steps=AUTOTUNE_STEPS,
+                                 min_cosine=0.99 if self.cfg.amp == "auto" else -math.inf, say=self.say)
+        amp = self.amp if self.amp is not None else result.amp  # a given setting stays as given
+        layout = self.channels_last if self.channels_last is not None else result.channels_last
+        self.amp, self.channels_last = autotune.broadcast(amp, layout, self.device, self.group)
+        self.autocast_dtype = autotune.AMP_DTYPES[self.amp]
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self._wrap_model()
+        if self.amp == "fp16" and self.scaler is None:
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.say(f"autotune ({result.seconds:.0f} s, ms per forward + backward, gradient cosine to fp32): "
+                 f"{result.summary()}")
+        self.say(f"autotune: amp {self.amp}, channels_last {self.channels_last}")
+        if self.is_main:
+            record = {**result.as_dict(), "amp": self.amp, "channels_last": self.channels_last,
+                      "device": str(self.device), "world_size": self.world_size, "batch_size": self.cfg.data.batch_size}
+            write_json_atomic(self.run_dir / "autotune.json", record)
+            save_config(self.resolved_config(), self.run_dir / "config.yaml")
+
+    def _device_images(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
         if images.dtype == torch.uint8 and self.samples.uint8_batches:
             images = normalise_batch(images)  # bit-identical to normalising in the workers
-        if self.cfg.channels_last:
+        return images
+
+    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, frozen: bool, sync: bool) -> None:
+        images = self._device_images(images)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         else:
             images = images.contiguous()
@@ -418,7 +501,7 @@ class Trainer:
             "optimizer": ckpt.optimizer_state(self.optimizer, self.named_params, self.sharded),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng,
-            "config": self.cfg.to_dict(),
+            "config": self.resolved_config().to_dict(),
         }
 
     def _find_resume(self, older: bool = False) -> Optional[tuple[Path, dict]]:

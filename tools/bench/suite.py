@@ -11,7 +11,9 @@ a warm-up. Areas (--only picks some):
            loop over the same records'
            bytes with as many threads (the decode limit).
   train    r50 / mbf + bce_u_norm forward + backward + SGD step at batch 32 on the CPU: facebce's
-           engine (Trainer, with its channels_last + bf16 settings) vs a plain fp32 eager loop over
+           engine (Trainer) with its default auto setting (amp/channels_last chosen by timing at the
+           start, facebce.train.autotune; the row carries the target) and each fixed setting, vs a
+           plain fp32 eager loop over
            the same modules in NCHW, as arcface_torch runs them; the bf16 step's loss and backbone
            gradient against fp32 (numerics unchanged?); Partial-FC at 1M classes, r = 0.1, vs the
            full head (step time and peak memory, each in its own process).
@@ -205,15 +207,22 @@ def _train_step(arch: str, args) -> list[Row]:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        # the engine's recommended CPU setting carries the target; the single switches show what each pays
-        settings = [("channels_last", {"channels_last": True}), ("bf16", {"amp": "bf16"}),
+        # the engine's default (auto: tuned on this batch, as a run tunes on its first) carries the target;
+        # the fixed settings show what each pays
+        settings = [("auto", {"amp": "auto", "channels_last": "auto"}),
+                    ("channels_last", {"channels_last": True, "amp": "none"}),
+                    ("bf16", {"amp": "bf16", "channels_last": False}),
                     ("channels_last + bf16", {"channels_last": True, "amp": "bf16"})]
         if args.quick:
-            settings = settings[-1:]
+            settings = settings[:1]
         if args.compile:
             settings.append(("channels_last + bf16 + compile", {"channels_last": True, "amp": "bf16", "compile": True}))
         for label, over in settings:
             tr = _trainer(arch, classes, b, str(Path(tmp) / label.replace(" ", "")), **over)
+            if label == "auto":
+                tr.tune_settings(x, y)
+                label = f"auto (chose {'bf16' if tr.amp == 'bf16' else 'fp32'} + "
+                label += f"{'channels_last' if tr.channels_last else 'NCHW'})"
 
             def engine_step():
                 tr.optimizer.zero_grad(set_to_none=True)
@@ -222,7 +231,8 @@ def _train_step(arch: str, args) -> list[Row]:
             tr.model.train()
             t = median_seconds(engine_step, steps, warmup=3 if over.get("compile") else 1)
             rows.append(Row("train", f"{arch} + bce_u_norm step, batch {b}, {label}", b / t, b / t_plain,
-                            "samples/s", t_plain / t, 2.5 if "+" in label else None, "plain fp32 eager NCHW loop"))
+                            "samples/s", t_plain / t, 2.5 if label.startswith("auto") else None,
+                            "plain fp32 eager NCHW loop"))
             say(f"[train] {arch} {label}: {b / t:.2f} samples/s vs plain fp32 {b / t_plain:.2f} "
                 f"({t_plain / t:.2f}x)")
         rows.append(_numerics(arch, x, y, classes))
