@@ -417,6 +417,8 @@ def _facebce_auto(arch: str, classes: int, x: torch.Tensor, y: torch.Tensor, tmp
     except ConfigError as e:
         why = f"amp: auto refused ({e})"
     else:
+        if hasattr(tr, "tune_settings") and (tr.amp is None or tr.channels_last is None):
+            tr.tune_settings(x, y)  # as a run does on its first batch
         amp, cl = _resolved(tr)
         if amp is not None:
             return f"auto -> {_setting_label(amp, cl)}", stepper(tr)
@@ -434,9 +436,8 @@ def _facebce_auto(arch: str, classes: int, x: torch.Tensor, y: torch.Tensor, tmp
 
 def _resolved(tr):
     """(amp, channels_last) the Trainer settled on for `auto`, or (None, None) if it has not."""
-    res = getattr(tr, "autotune", None)
-    amp, cl = getattr(res, "amp", tr.cfg.amp), getattr(res, "channels_last", tr.cfg.channels_last)
-    if amp == "auto" or cl == "auto":
+    amp, cl = getattr(tr, "amp", tr.cfg.amp), getattr(tr, "channels_last", tr.cfg.channels_last)
+    if amp in (None, "auto") or cl in (None, "auto"):
         return None, None
     return amp, bool(cl)
 
