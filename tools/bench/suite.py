@@ -318,10 +318,6 @@ def _partial_fc(args) -> list[Row]:
 
 # the head arcface_torch trains with (configs/base.py: margin_list (1.0, 0.5, 0.0), s = 64), in facebce's terms
 ARCFACE_HEAD = {"name": "softmax_norm", "scale": 64, "margin_list": [1.0, 0.5, 0.0]}
-# without `amp: auto` in the config: these, timed here, and the fastest one used
-FALLBACK_SETTINGS = (("fp32 NCHW", {}), ("bf16", {"amp": "bf16"}), ("channels_last", {"channels_last": True}),
-                     ("bf16 + channels_last", {"amp": "bf16", "channels_last": True}))
-
 
 def bench_peer_arcface(args) -> list[Row]:
     """arcface_torch's own step (tools/bench/peer_arcface.py, from --peer-arcface DIR) vs facebce's Trainer
@@ -395,51 +391,18 @@ def _peer_arch(arch: str, peer, args) -> list[Row]:
 
 
 def _facebce_auto(arch: str, classes: int, x: torch.Tensor, y: torch.Tensor, tmp: str):
-    """(label, step function): facebce's Trainer with `amp: auto` + `channels_last: auto` when this facebce's
-    config takes them; otherwise the fastest of FALLBACK_SETTINGS, timed here (interleaved)."""
-    from facebce.errors import ConfigError
-    from timing import interleaved_medians
+    """(label, step function): facebce's Trainer with `amp: auto` + `channels_last: auto`, tuned on this
+    batch as a run tunes on its first (Trainer.tune_settings), the label saying what it chose."""
+    tr = _trainer(arch, classes, len(x), str(Path(tmp) / "auto"), head=ARCFACE_HEAD, amp="auto",
+                  channels_last="auto")
+    tr.tune_settings(x, y)
+    tr.model.train()
 
-    b = len(x)
-
-    def stepper(tr):
-        tr.model.train()
-
-        def engine_step():
-            tr.optimizer.zero_grad(set_to_none=True)
-            tr._forward_backward(x, y, False, True)
-            tr._optimizer_step(False)
-        return engine_step
-    why = "amp: auto not in this facebce's config"
-    try:
-        tr = _trainer(arch, classes, b, str(Path(tmp) / "auto"), head=ARCFACE_HEAD, amp="auto",
-                      channels_last="auto")
-    except ConfigError as e:
-        why = f"amp: auto refused ({e})"
-    else:
-        if hasattr(tr, "tune_settings") and (tr.amp is None or tr.channels_last is None):
-            tr.tune_settings(x, y)  # as a run does on its first batch
-        amp, cl = _resolved(tr)
-        if amp is not None:
-            return f"auto -> {_setting_label(amp, cl)}", stepper(tr)
-        why = "the Trainer had not resolved amp: auto when built"
-        del tr
-    trainers = {label: _trainer(arch, classes, b, str(Path(tmp) / str(k)), head=ARCFACE_HEAD, **over)
-                for k, (label, over) in enumerate(FALLBACK_SETTINGS)}
-    fns = {label: stepper(tr) for label, tr in trainers.items()}
-    times = interleaved_medians(fns, 2)
-    best = min(times, key=times.get)
-    say(f"[train] {arch}: {why}; timed each setting: "
-        + ", ".join(f"{k} {b / t:.2f} samples/s" for k, t in times.items()) + f"; using {best}")
-    return f"{best} (fastest of {len(fns)} timed here)", fns[best]
-
-
-def _resolved(tr):
-    """(amp, channels_last) the Trainer settled on for `auto`, or (None, None) if it has not."""
-    amp, cl = getattr(tr, "amp", tr.cfg.amp), getattr(tr, "channels_last", tr.cfg.channels_last)
-    if amp in (None, "auto") or cl in (None, "auto"):
-        return None, None
-    return amp, bool(cl)
+    def engine_step():
+        tr.optimizer.zero_grad(set_to_none=True)
+        tr._forward_backward(x, y, False, True)
+        tr._optimizer_step(False)
+    return f"auto -> {_setting_label(tr.amp, tr.channels_last)}", engine_step
 
 
 def _setting_label(amp: str, channels_last: bool) -> str:
