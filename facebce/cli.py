@@ -38,10 +38,11 @@ def _cmd_data_pairs(args) -> None:
 
 
 def _cmd_calibrate(args) -> None:
+    from facebce.deploy.align import norm_crop  # IJB crops are aligned on the fly, as in eval
     from facebce.eval.calibrate import calibrate, drift_markdown
     cal = calibrate(_model_spec(args), _protocol_sets(args.sets), target_far=args.target_far, on=args.on,
                     pooled=args.pooled, replicates=args.bootstrap, seed=args.seed, flip=not args.no_flip,
-                    cache_dir=args.cache, protocol_paths=args.protocols, out=args.out)
+                    cache_dir=args.cache, protocol_paths=args.protocols, out=args.out, align=norm_crop)
     print(drift_markdown(cal) + f"\n\ncalibration written to {cal.path} (drift report {cal.path.with_suffix('.md')}, "
           f"plot {cal.path.with_suffix('.png')}); use it with --threshold calibrated:{cal.path}")
 
@@ -347,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "drift on other sets (writes calib.json)")
     c.add_argument("model", help="ONNX model, insightface-layout .pth (with --arch) or a facebce training run folder")
     c.add_argument("sets", nargs="+", metavar="PROTOCOL=PATH",
-                   help="pairs sets (lfw=..., custom_bin=...) and labelled folders (open_set_folder=ROOT)")
+                   help="pairs sets (lfw=..., custom_bin=...), labelled folders (open_set_folder=ROOT), "
+                   "IJB 1:1 sets (ijbc=DIR; resampled by subject)")
     _add_model_args(c)
     c.add_argument("--target-far", type=float, required=True, help="e.g. 1e-4")
     where = c.add_mutually_exclusive_group()

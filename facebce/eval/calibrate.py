@@ -8,9 +8,9 @@ threshold / target). The result, `calib.json`, carries the model's digest and a 
 content; `load_calibration` verifies both, and `resolve_threshold_spec` turns "calibrated:calib.json"
 (or a plain number) into a threshold with its provenance for eval, export, the gallery and the service
 (both live in facebce.eval.calibration_file, re-exported here).
-The module is over 450 lines because the exact threshold rule, its two bootstrap schemes (pairs,
-identities) and the consistency metrics all work on `ScoredSet` and that one rule; apart they would
-import each other in a cycle.
+The module is over 450 lines because the exact threshold rule, its three bootstrap schemes (pairs,
+identities of a labelled folder, subjects of an IJB set) and the consistency metrics all work on
+`ScoredSet` and that one rule; apart they would import each other in a cycle.
 
 Threshold rule (facebce's: a pair is accepted iff cosine > t). With n impostor scores and a target
 FAR f, k = floor(f * n) false accepts are allowed and the calibrated threshold is the (k+1)-th
@@ -18,6 +18,10 @@ highest impostor score: the smallest t with FAR(t) = #{impostor > t} / n <= f. I
 interpolation) and tie-proof: impostors tied with it are rejected, so its FAR may be below f when
 ties straddle the cut. k = 0 (n < 1/f) would put the threshold at the highest impostor, with no
 impostor above it and nothing measured about the target: refused, naming the impostor count needed.
+
+Weighted rule (the identity and subject bootstraps): with a weight w >= 0 per impostor pair and
+W = sum w, the threshold is the smallest impostor score t (among pairs of positive weight) with
+sum{w : impostor > t} <= f * W. With every weight 1 it is the rule above, exactly.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from facebce.errors import ConfigError, DataFormatError
 from facebce.eval.calibration_file import (Calibration, ThresholdSpec, _clean, drift_markdown, load_calibration,
                                            resolve_threshold_spec, write_calibration)
 PAIR_KINDS = ("pairs_bin", "pairs_list")
+IJB_KIND = "ijb"  # IJB-B/C 1:1 template pairs: scored as `facebce eval` does, bootstrapped over subjects
 FOLDER_KIND = "open_set_folder"  # a labelled folder: every pair of its images is scored
 CI_LEVEL = 0.95
 MIN_IMPOSTORS_PER_IDENTITY_FACTOR = 10  # per-identity FAR needs >= 10 / target impostor pairs of that identity
@@ -119,19 +124,22 @@ class ScoredSet:
     Pairs sets resample genuine and impostor pairs (stratified). Labelled folders score every pair of
     their images and resample identities (a pair of identities i != j enters with weight m_i * m_j,
     a genuine pair of i with m_i, m ~ Multinomial), so the interval reflects how many *people* were seen.
+    IJB sets ("ijb") keep their 1:1 template pairs and resample subjects the same way (`bootstrap_subjects`):
+    every template pair of one subject moves together, as they are correlated.
     """
 
     name: str
     protocol: str
-    kind: str  # "pairs" | "folder"
+    kind: str  # "pairs" | "folder" | "ijb"
     path: str
     digest: str
     scores: np.ndarray  # float64, one per pair
     issame: np.ndarray  # bool
-    id_a: np.ndarray | None = None  # folder sets: identity of each pair's two images
+    id_a: np.ndarray | None = None  # folder sets: identity of each pair's two images; ijb: subject codes
     id_b: np.ndarray | None = None
     n_identities: int | None = None
     labels: np.ndarray | None = None  # folder sets: identity of each image
+    unit: str | None = None  # ijb: what id_a/id_b name, "subjects" (or "templates" without the 1:N files)
 
     @property
     def genuine(self) -> np.ndarray:
@@ -187,11 +195,23 @@ def scored_folder(name: str, embeddings, labels, *, protocol: str = FOLDER_KIND,
                      int(labels.max()) + 1, labels)
 
 
+def scored_ijb(name: str, scores, issame, id_a, id_b, n_units: int | None = None, *, unit: str = "subjects",
+               protocol: str = IJB_KIND, path: str = "", digest: str = "") -> ScoredSet:
+    """IJB-style template pairs: a score and label per pair and the subject code (0..n-1) of its two templates."""
+    s = scored_pairs(name, scores, issame, protocol=protocol, path=path, digest=digest)
+    a, b = np.asarray(id_a, np.int64).ravel(), np.asarray(id_b, np.int64).ravel()
+    if a.shape != s.scores.shape or b.shape != s.scores.shape or (a.size and min(a.min(), b.min()) < 0):
+        raise DataFormatError(f"{name}: {a.size}/{b.size} subject codes for {s.scores.size} pairs (need one >= 0 each)")
+    n = int(max(a.max(), b.max()) + 1) if n_units is None else int(n_units)
+    return ScoredSet(name, protocol, IJB_KIND, s.path, digest, s.scores, s.issame, a, b, n, unit=unit)
+
+
 def score_sets(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip: bool = True,
                cache_dir=None, model_name: str | None = None, protocol_paths: Sequence = (),
-               progress: bool = True) -> list[ScoredSet]:
+               progress: bool = True, align=None) -> list[ScoredSet]:
     """Score each (protocol name, path) with `facebce eval`'s machinery (EmbeddingSource and the image-set
-    loaders: the same embeddings, cache and cosines); pairs sets and labelled folders only."""
+    loaders: the same embeddings, cache and cosines); pairs sets, labelled folders and IJB 1:1 sets (their
+    template-pair scores as `evaluate_ijb` computes them; `align` as `evaluate` takes it)."""
     from facebce.eval.protocols import get_protocol
     from facebce.eval.embedding_cache import EmbeddingSource
     from facebce.eval.image_sets import load_open_set_folder, load_pairs
@@ -202,9 +222,9 @@ def score_sets(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, fli
     resolved, seen = [], set()
     for name, path in protocols:
         protocol = get_protocol(str(name), protocol_paths)
-        if protocol.kind not in (*PAIR_KINDS, FOLDER_KIND):
-            raise ConfigError(f"{protocol.name}: calibration takes pairs sets ({', '.join(PAIR_KINDS)}) and labelled "
-                              f"folders ({FOLDER_KIND}), not {protocol.kind}")
+        if protocol.kind not in (*PAIR_KINDS, FOLDER_KIND, IJB_KIND):
+            raise ConfigError(f"{protocol.name}: calibration takes pairs sets ({', '.join(PAIR_KINDS)}), labelled "
+                              f"folders ({FOLDER_KIND}) and IJB 1:1 sets ({IJB_KIND}), not {protocol.kind}")
         if protocol.name in seen:
             raise ConfigError(f"{protocol.name}: given twice (set names must be unique)")
         seen.add(protocol.name)
@@ -217,6 +237,8 @@ def score_sets(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, fli
             cos = cosines(source.image_embeddings(protocol.name, pairs))  # what eval scores, bit for bit
             out.append(scored_pairs(protocol.name, cos, pairs.issame, protocol=protocol.name, path=str(path),
                                     digest=pairs.digest))
+        elif protocol.kind == IJB_KIND:
+            out.append(_scored_ijb(protocol, path, source, align, flip, progress))
         else:
             folder = load_open_set_folder(protocol, path)
             emb = source.image_embeddings(protocol.name, folder)
@@ -225,13 +247,37 @@ def score_sets(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, fli
     return out
 
 
+def _scored_ijb(protocol, path: Path, source, align, flip: bool, progress: bool) -> ScoredSet:
+    """An IJB set's 1:1 scores with eval's options (runner._ijb_result) and each pair's subjects."""
+    from facebce.eval.ijb import load_ijb, pair_subjects, template_pair_scores
+    from facebce.eval.model_loading import file_digest
+
+    meta = load_ijb(path, protocol)
+    raw = source.ijb_features(meta, views=2 if flip else 1, align=align)
+    options = protocol["template"]
+    scores = template_pair_scores(meta, raw, flip=options["flip"] if flip else "none",
+                                  image_l2norm=options["image_l2norm"], face_score_weight=options["face_score_weight"],
+                                  progress=progress)
+    digest = file_digest(meta.points_file)[:16]  # the crops (with the images) and, below, the pairs
+    digest += file_digest(meta.root / protocol["meta_dir"] / protocol["files"]["pairs"])[:16]
+    subjects = pair_subjects(meta)
+    if subjects is None:  # no 1:N files naming each template's subject: the templates are the units
+        _, codes = np.unique(meta.pairs, return_inverse=True)
+        codes = codes.reshape(meta.pairs.shape)
+        return scored_ijb(protocol.name, scores, meta.labels, codes[:, 0], codes[:, 1], unit="templates",
+                          protocol=protocol.name, path=str(path), digest=digest)
+    a, b, n = subjects
+    return scored_ijb(protocol.name, scores, meta.labels, a, b, n, protocol=protocol.name, path=str(path),
+                      digest=digest)
+
+
 # ----------------------------------------------------------------------------- bootstrap
 
 @dataclass(frozen=True)
 class Bootstrap:
     replicates: int
     seed: int
-    unit: str  # "pairs" (stratified: genuine and impostor apart) | "identities"
+    unit: str  # "pairs" (stratified: genuine and impostor apart) | "identities" | "subjects" | "templates"
     level: float
     threshold_ci: tuple[float, float]
     tar_ci: tuple[float, float]
@@ -302,6 +348,86 @@ def bootstrap_identities(s: ScoredSet, target_far: float, *, replicates: int = 1
         w = m[gen_id]
         tars[r] = float(np.sum(w * (gen_scores > t)) / np.sum(w)) if np.sum(w) else float("nan")
     return Bootstrap(replicates, seed, "identities", level, _percentile_ci(ts, level),
+                     _percentile_ci(tars[np.isfinite(tars)], level), ts, tars)
+
+
+def _tie_group_starts(desc: np.ndarray) -> np.ndarray:
+    """For scores sorted descending: the first position of each position's group of equal scores."""
+    new_group = np.r_[True, desc[1:] != desc[:-1]]
+    return np.flatnonzero(new_group)[np.cumsum(new_group) - 1]
+
+
+def _weighted_cut(w: np.ndarray, group_start: np.ndarray, budget: float, positions: np.ndarray) -> tuple[int, bool]:
+    """The weighted rule on the top of a descending order with weights `w`: (position of the threshold, or
+    -1 with no positive weight there; False when the cut may lie below the positions given)."""
+    before = np.r_[0.0, np.cumsum(w)[:-1]]
+    above = before[group_start]  # weight strictly above each position: what precedes its tie group
+    j = int(np.searchsorted(above, budget, side="right"))  # positions 0..j-1 meet the budget
+    return int(np.max(np.where(w[:j] > 0, positions[:j], -1))), j < w.size
+
+
+def weighted_threshold_at_far(impostor, weights, target_far: float) -> float:
+    """The weighted rule (module docstring): the smallest impostor score t of positive weight with
+    sum{w : impostor > t} <= target * sum w. With integer weights it is `threshold_at_far` of the scores
+    each repeated w times; with all weights 1 it is `threshold_at_far` itself (without its refusal)."""
+    f = check_target(target_far)
+    s = _finite_scores(impostor, "impostor scores")
+    w = np.asarray(weights, np.float64).ravel()
+    if w.shape != s.shape or np.any(w < 0) or not np.all(np.isfinite(w)) or w.sum() <= 0:
+        raise DataFormatError(f"weights: need one finite weight >= 0 per score ({w.size} for {s.size}), not all 0")
+    order = np.argsort(-s, kind="stable")
+    desc, w = s[order], w[order]
+    last, _ = _weighted_cut(w, _tie_group_starts(desc), f * float(w.sum()) * (1 + 1e-12), np.arange(s.size))
+    return float(desc[last])
+
+
+def bootstrap_subjects(s: ScoredSet, target_far: float, *, replicates: int = 1000, seed: int = 0,
+                       level: float = CI_LEVEL) -> Bootstrap:
+    """Percentile bootstrap over the subjects of an IJB-style set (template pairs with subject codes id_a,
+    id_b): each replicate draws the n subjects with replacement (counts c); a genuine pair of subject i
+    weighs c_i, an impostor pair of subjects i != j weighs c_i * c_j. The threshold is the weighted rule
+    (module docstring): the smallest impostor score t of positive weight with weighted #{impostor > t}
+    <= f * W; TAR is the weighted genuine fraction > t. (Templates as units, without subject ids: a pair
+    of two templates weighs the product of their counts.) Impostors are sorted once; per replicate only
+    the top of that order is weighed (deepened when the cut lies below it)."""
+    f = check_target(target_far)
+    if s.id_a is None or s.kind != IJB_KIND:
+        raise ConfigError(f"{s.name}: subject resampling needs an IJB set (template pairs with subject ids)")
+    if replicates < 10:
+        raise ConfigError(f"bootstrap replicates {replicates}: use at least 10 (1000 for a reported interval)")
+    threshold_at_far(s.impostor, f, where=s.name)
+    rng = np.random.default_rng(seed)
+    n = int(s.n_identities)
+    imp = ~s.issame
+    order = np.argsort(-s.scores[imp], kind="stable")
+    imp_scores = s.scores[imp][order]
+    ia, ib = s.id_a[imp][order], s.id_b[imp][order]
+    same = ia == ib  # only with templates as units would an impostor pair share one
+    # ties: the weight strictly above position j is the cumulative weight before its tie group starts
+    group_start = _tie_group_starts(imp_scores)
+    codes, counts = np.unique(ia * n + ib, return_counts=True)  # W from the distinct unit pairs
+    ua, ub = codes // n, codes % n
+    gen_scores, ga, gb = s.scores[s.issame], s.id_a[s.issame], s.id_b[s.issame]
+    gen_same = ga == gb
+    ts, tars = np.empty(replicates), np.empty(replicates)
+    positions = np.arange(imp_scores.size)
+    depth = min(imp_scores.size, max(4096, 64 * (allowed_false_accepts(imp_scores.size, f) + 1)))
+    for r in range(replicates):
+        c = rng.multinomial(n, np.full(n, 1.0 / n)).astype(np.float64)
+        pair_w = np.where(ua == ub, c[ua], c[ua] * c[ub])
+        budget = f * float(np.sum(counts * pair_w)) * (1 + 1e-12)  # as allowed_false_accepts rounds
+        d = depth
+        while True:
+            w = np.where(same[:d], c[ia[:d]], c[ia[:d]] * c[ib[:d]])
+            last, complete = _weighted_cut(w, group_start[:d], budget, positions[:d])
+            if complete or d == imp_scores.size:
+                break
+            d = min(imp_scores.size, 4 * d)
+        t = float(imp_scores[last]) if last >= 0 else float("nan")  # nan: no impostor weight drawn at all
+        ts[r] = t
+        gw = np.where(gen_same, c[ga], c[ga] * c[gb])
+        tars[r] = float(np.sum(gw * (gen_scores > t)) / np.sum(gw)) if np.sum(gw) else float("nan")
+    return Bootstrap(replicates, seed, s.unit or "subjects", level, _percentile_ci(ts[np.isfinite(ts)], level),
                      _percentile_ci(tars[np.isfinite(tars)], level), ts, tars)
 
 
@@ -400,7 +526,8 @@ def calibrate_scored(sets: Sequence[ScoredSet], target_far: float, *, on: str | 
     if pooled:
         chosen = [s for s in sets if s.kind == "pairs"]
         if not chosen:
-            raise ConfigError("calibrate --pooled: no pairs sets to pool (labelled folders are never pooled)")
+            raise ConfigError("calibrate --pooled: no pairs sets to pool "
+                              "(labelled folders and IJB sets are never pooled)")
     else:
         name = on if on is not None else sets[0].name
         if name not in by_name:
@@ -420,6 +547,8 @@ def calibrate_scored(sets: Sequence[ScoredSet], target_far: float, *, on: str | 
     if replicates:
         if len(chosen) == 1 and chosen[0].kind == "folder":
             b = bootstrap_identities(chosen[0], f, replicates=replicates, seed=seed)
+        elif len(chosen) == 1 and chosen[0].kind == IJB_KIND:
+            b = bootstrap_subjects(chosen[0], f, replicates=replicates, seed=seed)
         else:
             b = bootstrap_pairs(scores[issame], impostor, f, replicates=replicates, seed=seed)
         boot = {"replicates": b.replicates, "seed": b.seed, "unit": b.unit, "level": b.level,
@@ -465,10 +594,11 @@ def calibrate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, targ
               on: str | None = None, pooled: bool = False, replicates: int = 1000, seed: int = 0,
               flip: bool = True, cache_dir=None, model_name: str | None = None, model_digest: str | None = None,
               protocol_paths: Sequence = (), out: str | os.PathLike | None = None, progress: bool = True,
-              opis_far_range: tuple[float, float] | None = None, opis_beta: float = 1.0) -> Calibration:
+              opis_far_range: tuple[float, float] | None = None, opis_beta: float = 1.0, align=None) -> Calibration:
     """Score `protocols` with `model` (a ModelSpec, an embedder or a mapping set -> embeddings, as
     `evaluate` takes), calibrate (see `calibrate_scored`) and, with `out`, write calib.json and its
-    drift report (`<stem>.md`, `<stem>.png`) beside it, atomically."""
+    drift report (`<stem>.md`, `<stem>.png`) beside it, atomically. `align` (IJB sets only): as `evaluate`
+    takes it, e.g. facebce.deploy.align.norm_crop (eval may not import deploy; the CLI passes it)."""
     check_target(target_far)  # before any embedding
     if pooled and on is not None:
         raise ConfigError("calibrate: give --pooled or --on SET, not both")
@@ -482,7 +612,7 @@ def calibrate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, targ
     else:
         raise ConfigError("calibrate: a model that is not a file needs model_digest= (the calibration is tied to it)")
     sets = score_sets(model, protocols, flip=flip, cache_dir=cache_dir, model_name=model_name,
-                      protocol_paths=protocol_paths, progress=progress)
+                      protocol_paths=protocol_paths, progress=progress, align=align)
     cal = calibrate_scored(sets, target_far, on=on, pooled=pooled, replicates=replicates, seed=seed,
                            model={**identity, "flip": flip}, opis_far_range=opis_far_range, opis_beta=opis_beta)
     if out is not None:
@@ -492,4 +622,5 @@ def calibrate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, targ
 
 __all__ = ["Calibration", "ScoredSet", "ThresholdSpec", "calibrate", "calibrate_scored", "load_calibration",
            "resolve_threshold_spec", "threshold_at_far", "bootstrap_pairs", "bootstrap_identities",
+           "bootstrap_subjects", "scored_ijb", "weighted_threshold_at_far",
            "per_identity_far", "opis", "score_sets", "write_calibration", "drift_markdown"]

@@ -472,9 +472,7 @@ def evaluate_ijb(meta: IjbMeta, raw: np.ndarray, *, flip: str = "sum", image_l2n
     """
     if raw.shape[0] != meta.templates.size:
         raise DataFormatError(f"{meta.root}: {raw.shape[0]} feature rows for {meta.templates.size} meta rows")
-    feats = image_features(raw, meta.face_scores, flip=flip, image_l2norm=image_l2norm,
-                           face_score_weight=face_score_weight)
-    tids, tfeats = template_features(feats, meta.templates, meta.medias)
+    tids, tfeats = _template_feats(meta, raw, flip, image_l2norm, face_score_weight)
     scores = pair_scores(tids, tfeats, meta.pairs, precision=precision, progress=progress)
     targets = np.asarray(far_targets if far_targets is not None else FAR_TARGETS, dtype=np.float64)
     roc = Roc.from_labels(scores, meta.labels)
@@ -488,3 +486,47 @@ def evaluate_ijb(meta: IjbMeta, raw: np.ndarray, *, flip: str = "sum", image_l2n
         at_threshold=accuracy_at_threshold(scores, meta.labels, threshold) if threshold is not None else None,
         identification=ident,
     )
+
+
+def _template_feats(meta: IjbMeta, raw: np.ndarray, flip: str, image_l2norm: bool, face_score_weight: bool):
+    feats = image_features(raw, meta.face_scores, flip=flip, image_l2norm=image_l2norm,
+                           face_score_weight=face_score_weight)
+    return template_features(feats, meta.templates, meta.medias)
+
+
+def template_pair_scores(meta: IjbMeta, raw: np.ndarray, *, flip: str = "sum", image_l2norm: bool = False,
+                         face_score_weight: bool = True, precision: str = "float32", progress: bool = True
+                         ) -> np.ndarray:
+    """The 1:1 pair scores exactly as `evaluate_ijb` computes them (same options, same arithmetic)."""
+    if raw.shape[0] != meta.templates.size:
+        raise DataFormatError(f"{meta.root}: {raw.shape[0]} feature rows for {meta.templates.size} meta rows")
+    tids, tfeats = _template_feats(meta, raw, flip, image_l2norm, face_score_weight)
+    return pair_scores(tids, tfeats, meta.pairs, precision=precision, progress=progress)
+
+
+def pair_subjects(meta: IjbMeta) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Subject codes (0..n-1) of each 1:1 pair's two templates, from the 1:N gallery/probe files, and n;
+    None when those files are absent or leave a pair's template without a subject. A template given two
+    subjects, or a pair whose label disagrees with its templates' subjects, is a one-line error."""
+    known = [meta.probes, *meta.galleries.values()] if meta.probes is not None else []
+    if not known:
+        return None
+    tids = np.concatenate([t for t, _ in known])
+    sids = np.concatenate([s for _, s in known])
+    tids, first, inverse = np.unique(tids, return_index=True, return_inverse=True)
+    clash = sids != sids[first][inverse]
+    if clash.any():
+        raise DataFormatError(f"{meta.root}: template {np.concatenate([t for t, _ in known])[clash][0]} has two "
+                              "subject ids in the 1:N gallery/probe files")
+    sids = sids[first]
+    at = np.minimum(np.searchsorted(tids, meta.pairs), tids.size - 1)
+    if np.any(tids[at] != meta.pairs):
+        return None
+    subjects, codes = np.unique(sids[at], return_inverse=True)
+    codes = codes.reshape(meta.pairs.shape)
+    wrong = (codes[:, 0] == codes[:, 1]) != meta.labels
+    if wrong.any():
+        i = int(np.argmax(wrong))
+        raise DataFormatError(f"{meta.root}: pair {meta.pairs[i, 0]} {meta.pairs[i, 1]} is labelled "
+                              f"{int(meta.labels[i])} but its templates' subjects say otherwise (1:N files)")
+    return codes[:, 0].astype(np.int64), codes[:, 1].astype(np.int64), int(subjects.size)

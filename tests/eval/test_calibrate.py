@@ -358,3 +358,96 @@ def test_the_service_checks_the_calibration_against_its_model(tmp_path):
         engine.close()
     with open_gallery(tmp_path / "g.faiss") as store:
         assert store.threshold == cal.threshold
+
+
+# ----------------------------------------------------------------------------- IJB sets: subjects resampled
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weighted_threshold_is_the_plain_rule_with_unit_or_repeated_weights(tied):
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        n = int(rng.integers(50, 400))
+        imp = np.round(rng.normal(size=n), 1) if tied else rng.normal(size=n)
+        f = float(rng.choice([0.01, 0.05, 0.1, 0.2]))
+        if C.allowed_false_accepts(n, f) < 1:
+            continue
+        assert C.weighted_threshold_at_far(imp, np.ones(n), f) == C.threshold_at_far(imp, f)
+        w = rng.integers(0, 4, n)  # a bootstrap weight is a multiplicity: the same as repeating the score
+        if C.allowed_false_accepts(int(w.sum()), f) >= 1:
+            assert C.weighted_threshold_at_far(imp, w, f) == C.threshold_at_far(np.repeat(imp, w), f)
+
+
+def _subject_set(n_subjects=150, templates=4, impostors_per_subject=60, offset=0.15, seed=0):
+    """An IJB-like scored set: every subject has a random offset added to all its impostor scores, so the
+    template pairs of one subject are strongly correlated (a pairs bootstrap treats them as independent)."""
+    rng = np.random.default_rng(seed)
+    off = rng.normal(0, offset, n_subjects)
+    a_gen = np.repeat(np.arange(n_subjects), templates * (templates - 1) // 2)
+    a_imp = np.repeat(np.arange(n_subjects), impostors_per_subject)
+    b_imp = (a_imp + rng.integers(1, n_subjects, a_imp.size)) % n_subjects
+    gen = rng.normal(0.6, 0.1, a_gen.size) + off[a_gen] / 2
+    imp = rng.normal(0.0, 0.05, a_imp.size) + off[a_imp] + off[b_imp]
+    return C.scored_ijb("ijb_like", np.r_[gen, imp], np.r_[np.ones(gen.size, bool), np.zeros(imp.size, bool)],
+                        np.r_[a_gen, a_imp], np.r_[a_gen, b_imp], n_subjects)
+
+
+def test_subject_bootstrap_is_wider_than_the_pairs_one_on_correlated_pairs():
+    s = _subject_set()
+    f = 0.01
+    t = C.threshold_at_far(s.impostor, f)
+    subj = C.bootstrap_subjects(s, f, replicates=300, seed=1)
+    pairs = C.bootstrap_pairs(s.genuine, s.impostor, f, replicates=300, seed=1)
+    assert subj.unit == "subjects" and pairs.unit == "pairs"
+    assert subj.threshold_ci[0] <= t <= subj.threshold_ci[1]
+    width = subj.threshold_ci[1] - subj.threshold_ci[0]
+    ratio = width / (pairs.threshold_ci[1] - pairs.threshold_ci[0])
+    assert ratio > 2.5  # the honest interval is wider (measured: 4.6)
+    # the widening comes from the correlation: without subject offsets the ratio is far smaller (measured 1.5;
+    # two-way resampling of independent pairs is somewhat wider too)
+    flat = _subject_set(offset=0.0)
+    w_subj = np.diff(C.bootstrap_subjects(flat, f, replicates=300, seed=1).threshold_ci)[0]
+    w_pairs = np.diff(C.bootstrap_pairs(flat.genuine, flat.impostor, f, replicates=300, seed=1).threshold_ci)[0]
+    assert ratio > 2 * (w_subj / w_pairs)
+    # calibrate_scored picks the subject bootstrap for an IJB set, the pairs one for a pairs set
+    cal = C.calibrate_scored([s, C.scored_pairs("p", s.scores, s.issame)], f, replicates=50)
+    assert cal.bootstrap["unit"] == "subjects" and "resampling subjects" in C.drift_markdown(cal)
+    assert C.calibrate_scored([s, C.scored_pairs("p", s.scores, s.issame)], f, on="p",
+                              replicates=50).bootstrap["unit"] == "pairs"
+    with pytest.raises(ConfigError, match="needs an IJB set"):
+        C.bootstrap_subjects(C.scored_pairs("p", s.scores, s.issame), f)
+
+
+def test_ijb_scores_are_evals_and_the_cli_calibrates_on_subjects(synthetic_ijb, bins, tmp_path, capsys):
+    from facebce.cli import main
+    from facebce.eval.ijb import load_ijb
+    from facebce.eval.model_loading import file_digest
+    from tests.eval.ijb_synthetic import align_for_tests
+
+    sets = [("ijbc", synthetic_ijb), ("cal_a", bins / "cal_a.bin")]
+    kw = dict(protocol_paths=[bins / "protocols"], progress=False)
+    report = evaluate(ProjectionEmbedder(), sets[:1], threshold="fixed:0", align=align_for_tests, **kw)
+    cal = C.calibrate(ProjectionEmbedder(), sets, target_far=0.05, replicates=100, model_digest="e" * 64,
+                      align=align_for_tests, out=tmp_path / "calib.json", **kw)
+    ijb = report.ijb[0]
+    assert cal.calibrated_on == ["ijbc"] and cal.bootstrap["unit"] == "subjects"
+    assert cal.threshold == C.threshold_at_far(ijb.scores[~ijb.labels].astype(np.float64), 0.05)
+    assert cal.sets[0]["far"] == np.mean(ijb.scores[~ijb.labels] > cal.threshold)
+    assert cal.sets[0]["kind"] == "ijb" and cal.sets[0]["n_pairs"] == ijb.n_pairs
+    meta = load_ijb(synthetic_ijb, "ijbc", check_sizes=False)
+    from facebce.eval.ijb import pair_subjects
+    a, b, n = pair_subjects(meta)
+    assert n == 40 and np.array_equal(a == b, meta.labels)
+
+    model = _random_onnx(tmp_path / "m.onnx", 0)
+    out = tmp_path / "cli" / "calib.json"
+    out.parent.mkdir()
+    args = ["calibrate", str(model), f"ijbc={synthetic_ijb}", f"cal_a={bins / 'cal_a.bin'}", "--protocols",
+            str(bins / "protocols"), "--mean", "127.5", "--std", "127.5", "--target-far", "0.05", "--on", "ijbc",
+            "--bootstrap", "50", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    saved = C.load_calibration(out, model_digest=file_digest(model))
+    assert saved.bootstrap["unit"] == "subjects" and "resampling subjects" in printed
+    assert [r["name"] for r in saved.sets] == ["ijbc", "cal_a"] and "\n| ijbc" in printed
+    data = json.loads(out.read_text())
+    assert data["bootstrap"]["unit"] == "subjects"
