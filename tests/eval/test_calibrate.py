@@ -451,3 +451,27 @@ def test_ijb_scores_are_evals_and_the_cli_calibrates_on_subjects(synthetic_ijb, 
     assert [r["name"] for r in saved.sets] == ["ijbc", "cal_a"] and "\n| ijbc" in printed
     data = json.loads(out.read_text())
     assert data["bootstrap"]["unit"] == "subjects"
+
+
+def test_ijb_without_1n_files_resamples_templates_and_a_wrong_label_is_one_line(synthetic_ijb, tmp_path):
+    import shutil
+
+    from tests.eval.ijb_synthetic import align_for_tests
+
+    root = tmp_path / "IJBC"
+    shutil.copytree(synthetic_ijb / "meta", root / "meta")
+    (root / "loose_crop").symlink_to(synthetic_ijb / "loose_crop")
+    pairs_file = root / "meta" / "ijbc_template_pair_label.txt"
+    lines = pairs_file.read_text().splitlines()
+    a, b, label = lines[0].split()
+    pairs_file.write_text("\n".join([f"{a} {b} {1 - int(label)}", *lines[1:]]) + "\n")
+    with pytest.raises(DataFormatError, match=f"pair {a} {b} is labelled {1 - int(label)} but its templates' "
+                       "subjects say otherwise"):
+        C.score_sets(ProjectionEmbedder(), [("ijbc", root)], align=align_for_tests, progress=False)
+    pairs_file.write_text("\n".join(lines) + "\n")
+    for f in (root / "meta").glob("*1N*"):
+        f.unlink()
+    with pytest.warns(UserWarning, match="1:N identification skipped"):
+        (s,) = C.score_sets(ProjectionEmbedder(), [("ijbc", root)], align=align_for_tests, progress=False)
+    assert s.kind == "ijb" and s.unit == "templates" and s.n_identities == 120  # 40 subjects x 3 templates
+    assert C.bootstrap_subjects(s, 0.05, replicates=20).unit == "templates"
