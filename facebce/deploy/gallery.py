@@ -95,7 +95,7 @@ def choose_index(n: int, dim: int, memory_gb: float | None = None) -> dict:
       fast-scan codes of dim / 4 sub-quantisers (dim / 8 bytes) visiting half of the lists, and
       the shortlist re-ranked on that copy. On face-like vectors (tools/bench, 1M x 512) the exact
       top-1 of a probe of an enrolled person is then found 98 % of the time at ~18x flat's
-      single-query speed (a quarter of the lists: 94 %, ~30x): one person's images are near ties
+      single-query speed (a quarter of the lists: 94 %, ~26-32x): one person's images are near ties
       that the codes alone reorder, and they spread over many lists;
     - else the largest 8-bit code (pq_m bytes, pq_m dividing dim, at most dim / 2) whose codes, ids
       and lists fit, no re-ranking, nprobe nlist / 16.
