@@ -100,7 +100,9 @@ class Worker:
 
     def __init__(self, kind: str, args: tuple):
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["gallery_worker"])
+        # Python 3.11's forkserver imports preloads before applying the parent's sys.path, so name a
+        # module importable from the installed package (it pulls in numpy, torch, FAISS, facebce)
+        ctx.set_forkserver_preload(["facebce.deploy.stores"])
         self._conn, child = ctx.Pipe(duplex=False)
         self._proc = ctx.Process(target=_child, args=(child, kind, args), daemon=True)
         self._proc.start()
