@@ -15,7 +15,7 @@ from facebce.errors import ConfigError
 from facebce.heads import PartialFC
 from facebce.train import autotune, load_checkpoint, load_config, train
 from facebce.train.config import TrainConfig
-from tests.train.helpers import tiny_config
+from tests.train.helpers import run_two_ranks, tiny_config
 
 SMALL = {"arch": "mbf", "embedding_size": 16, "options": {"scale": 1, "blocks": [1, 1, 1, 1]}}
 
@@ -234,33 +234,7 @@ print("RESULT", r.steps, r.loss, trainer.amp, trainer.channels_last)
 def test_two_gloo_processes_tune_together_and_agree(tmp_path):
     """Both ranks time the candidates in step (the head all-gathers); rank 0's choice (made channels_last
     here, rank 1's made NCHW) is what both train with, DDP re-wrapped around the channels_last backbone."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    repo = Path(__file__).resolve().parents[2]
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-c", _DIST_WORKER, str(tmp_path)], cwd=repo, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=200)
-            assert p.returncode == 0, err[-3000:]
-            outs.append(out)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    results = [line.split() for out in outs for line in out.splitlines() if line.startswith("RESULT")]
+    results = run_two_ranks(_DIST_WORKER, tmp_path)
     assert len(results) == 2 and results[0] == results[1]  # same loss, same amp and layout on both ranks
     assert results[0][3:] == ["none", "True"]
     record = json.loads((tmp_path / "autotune.json").read_text())
