@@ -236,6 +236,11 @@ class _Embedder:
         return emb / norms if self.normalize else emb
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def ort_session_options(intra_op_threads: int | None = None) -> "ort.SessionOptions":
     """The onnxruntime session settings facebce runs recognition models with (OnnxEmbedder, the
     benchmarks): every graph optimisation (conv+BN+PReLU fusion, the NCHWc layout on x86), no log lines
@@ -246,8 +251,8 @@ def ort_session_options(intra_op_threads: int | None = None) -> "ort.SessionOpti
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 4  # fatal only: a failing run is one ModelError line, not ORT's own log lines
-    if intra_op_threads is None and hasattr(os, "sched_getaffinity"):
-        intra_op_threads = len(os.sched_getaffinity(0))
+    if intra_op_threads is None and hasattr(os, "sched_getaffinity"):  # elsewhere onnxruntime's own default
+        intra_op_threads = available_cores()
     if intra_op_threads is not None:
         options.intra_op_num_threads = int(intra_op_threads)
     return options

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
 import threading
 import time
@@ -318,7 +317,9 @@ def choose_sessions(make: Callable, sessions: int | None, intra_op_threads: int 
     if sessions is not None:
         threads = intra_op_threads if intra_op_threads is not None else (1 if sessions > 1 else None)
         return [make(threads) for _ in range(sessions)]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from facebce.models.embedder import available_cores
+
+    cores = available_cores()
     one = make(intra_op_threads)
     if cores < 2:
         return [one]
