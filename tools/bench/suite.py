@@ -221,15 +221,8 @@ def _train_step(arch: str, args) -> list[Row]:
             tr = _trainer(arch, classes, b, str(Path(tmp) / label.replace(" ", "")), **over)
             if label == "auto":
                 tr.tune_settings(x, y)
-                label = f"auto (chose {'bf16' if tr.amp == 'bf16' else 'fp32'} + "
-                label += f"{'channels_last' if tr.channels_last else 'NCHW'})"
-
-            def engine_step():
-                tr.optimizer.zero_grad(set_to_none=True)
-                tr._forward_backward(x, y, False, True)
-                tr._optimizer_step(False)
-            tr.model.train()
-            t = median_seconds(engine_step, steps, warmup=3 if over.get("compile") else 1)
+                label = f"auto (chose {_setting_label(tr.amp, tr.channels_last)})"
+            t = median_seconds(_engine_step(tr, x, y), steps, warmup=3 if over.get("compile") else 1)
             rows.append(Row("train", f"{arch} + bce_u_norm step, batch {b}, {label}", b / t, b / t_plain,
                             "samples/s", t_plain / t, 2.5 if label.startswith("auto") else None,
                             "plain fp32 eager NCHW loop"))
@@ -396,13 +389,19 @@ def _facebce_auto(arch: str, classes: int, x: torch.Tensor, y: torch.Tensor, tmp
     tr = _trainer(arch, classes, len(x), str(Path(tmp) / "auto"), head=ARCFACE_HEAD, amp="auto",
                   channels_last="auto")
     tr.tune_settings(x, y)
+    return f"auto -> {_setting_label(tr.amp, tr.channels_last)}", _engine_step(tr, x, y)
+
+
+def _engine_step(tr, x: torch.Tensor, y: torch.Tensor):
+    """One Trainer step on (x, y) as the run makes it (zero grad, forward + backward, optimizer step),
+    with the model in train mode."""
     tr.model.train()
 
     def engine_step():
         tr.optimizer.zero_grad(set_to_none=True)
         tr._forward_backward(x, y, False, True)
         tr._optimizer_step(False)
-    return f"auto -> {_setting_label(tr.amp, tr.channels_last)}", engine_step
+    return engine_step
 
 
 def _setting_label(amp: str, channels_last: bool) -> str:
