@@ -107,7 +107,7 @@ class Worker:
         self._proc = ctx.Process(target=_child, args=(child, kind, args), daemon=True)
         self._proc.start()
         child.close()
-        self._out, self._err, self._lines = b"", b"", []
+        self._out, self._err, self._pos = b"", b"", 0  # _pos: stdout bytes already returned by readline
 
     def _take(self, timeout: float | None) -> bool:
         """Read one message (False at end of stream or timeout)."""
@@ -125,17 +125,13 @@ class Worker:
 
     def readline(self, timeout: float = 120.0) -> bytes:
         end = time.monotonic() + timeout
-        while b"\n" not in self._out[self._read_upto():]:
+        while b"\n" not in self._out[self._pos:]:
             if not self._take(max(0.0, end - time.monotonic())):
                 break
-        start = self._read_upto()
-        cut = self._out.find(b"\n", start)
-        line = self._out[start:] if cut < 0 else self._out[start:cut + 1]
-        self._lines.append(len(line))
+        cut = self._out.find(b"\n", self._pos)
+        line = self._out[self._pos:] if cut < 0 else self._out[self._pos:cut + 1]
+        self._pos += len(line)
         return line
-
-    def _read_upto(self) -> int:
-        return sum(self._lines)
 
     def kill(self) -> None:
         if self._proc.pid is not None:
@@ -153,7 +149,7 @@ class Worker:
         if self._proc.exitcode is None:
             raise TimeoutError(f"gallery worker {self._proc.pid} still running after {timeout} s")
         self._conn.close()
-        return self._out[self._read_upto():], self._err
+        return self._out[self._pos:], self._err
 
     @property
     def returncode(self) -> int | None:
