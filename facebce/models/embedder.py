@@ -222,7 +222,17 @@ class _Embedder:
             return np.empty((0, self.embedding_size or 0), np.float32)
         return self._checked(np.concatenate(chunks))
 
-    def _checked(self, emb: np.ndarray) -> np.ndarray:
+    @property
+    def run_rows(self) -> int:
+        """Rows per model call: the graph's fixed batch, else `batch_size`."""
+        return self._step()
+
+    def finish(self, emb: np.ndarray) -> np.ndarray:
+        """What `embed` does to the (flip-summed) raw outputs: refuse NaN/Inf or all-zero rows, then
+        L2-normalise. For callers that run the views themselves, as the service does."""
+        return self._checked(np.asarray(emb, np.float32), normalize=True)
+
+    def _checked(self, emb: np.ndarray, normalize: bool | None = None) -> np.ndarray:
         """Refuse NaN/Inf or all-zero embeddings (they would silently score as garbage), then normalise."""
         bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
         if bad.size:
@@ -233,7 +243,7 @@ class _Embedder:
         if zero.size:
             raise ModelError(f"{self.name}: all-zero embedding for {zero.size} of {len(emb)} images "
                              f"(first: image {zero[0]}); cannot L2-normalise")
-        return emb / norms if self.normalize else emb
+        return emb / norms if (self.normalize if normalize is None else normalize) else emb
 
 
 def available_cores() -> int:

@@ -1,10 +1,16 @@
 """The service's work outside the event loop: images -> faces -> embeddings -> gallery.
 
 - `MicroBatcher`: worker threads that take jobs (rows of an array) from one queue; each gathers
-  those waiting — up to `max_batch` rows, waiting at most `max_wait` seconds after the first —
-  runs one call on all of them and hands each job its rows back. Concurrent requests' faces are
+  those waiting, up to `max_rows` rows (the model's fixed batch, else `max_batch`), runs one call on
+  all of them and hands each job its rows back. With one worker it waits up to `max_wait` seconds
+  after the first job, but only while requests are still being decoded (`more_coming`); with
+  several it never waits (an idle worker takes what is queued) and takes at most its share of the
+  queue, so no job waits behind a neighbour's oversized batch. Concurrent requests' faces are
   embedded in one ONNX call, and their probes searched in one gallery call. If the shared call
   fails, each job is retried alone so a bad request cannot fail its neighbours.
+- Views: with flip, a face's crop and its mirror image are two rows, and a request's rows are split
+  over the workers, so at low load one face's two views run on two cores at once; the sums and
+  the L2 normalisation are the embedder's own (`finish`), so embeddings equal `OnnxEmbedder.embed`.
 - Inference sessions: one ONNX session using every core, or one single-threaded session per core
   each with its own embedding worker (a small model's layers are too small to split across cores,
   so independent requests in parallel can do more). `inference_sessions` fixes the number; by
@@ -17,9 +23,9 @@
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,13 +66,16 @@ class MicroBatcher:
     functions gives one worker thread each, all taking batches from the same queue."""
 
     def __init__(self, name: str, fn: Callable | list[Callable], max_batch: int, max_wait: float,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, more_coming: Callable[[], int] | None = None):
         self.name = name
         self.max_batch, self.max_wait = int(max_batch), float(max_wait)
         self.on_batch = on_batch
-        self._q: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
+        self.more_coming = more_coming
+        self._jobs: deque = deque()
+        self._cv = threading.Condition()
+        self._stop = False
         fns = fn if isinstance(fn, list) else [fn]
+        self.workers = len(fns)
         self._threads = [threading.Thread(target=self._loop, args=(f,), name=f"facebce-{name}-{i}", daemon=True)
                          for i, f in enumerate(fns)]
         for t in self._threads:
@@ -74,61 +83,63 @@ class MicroBatcher:
 
     def submit(self, rows: np.ndarray, params=None) -> Future:
         fut: Future = Future()
-        if self._stop.is_set():
-            fut.set_exception(ServiceError(503, "shutting_down", "the server is stopping"))
-        else:
-            self._q.put((rows, params, fut))
+        with self._cv:
+            if self._stop:
+                fut.set_exception(ServiceError(503, "shutting_down", "the server is stopping"))
+            else:
+                self._jobs.append((rows, params, fut))
+                self._cv.notify()
         return fut
 
     async def run(self, rows: np.ndarray, params=None):
         return await asyncio.wrap_future(self.submit(rows, params))
 
     def close(self) -> None:
-        self._stop.set()
-        for _ in self._threads:
-            self._q.put(None)
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
         for t in self._threads:
             t.join(timeout=10)
-
-    def _loop(self, fn: Callable) -> None:
-        pending = None
-        while not self._stop.is_set():
-            try:  # poll: another worker's drain may take the None meant for this one
-                job = pending or self._q.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            pending = None
-            if job is None:
-                break
-            jobs, n = [job], len(job[0])
-            deadline = time.monotonic() + self.max_wait
-            while n < self.max_batch:
-                timeout = deadline - time.monotonic()
-                try:
-                    nxt = self._q.get(timeout=timeout) if timeout > 0 else self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._stop.set()
-                    self._q.put(None)  # the other workers' stop signal
-                    break
-                if n + len(nxt[0]) > self.max_batch:
-                    pending = nxt  # starts the next batch
-                    break
-                jobs.append(nxt)
-                n += len(nxt[0])
-            self._run(fn, jobs)
-        for rows, params, fut in ([pending] if pending else []) + list(self._drain()):
+        with self._cv:
+            left, self._jobs = list(self._jobs), deque()
+        for _, _, fut in left:
             fut.set_exception(ServiceError(503, "shutting_down", "the server is stopping"))
 
-    def _drain(self):
-        while True:
-            try:
-                job = self._q.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                yield job
+    def _take(self) -> list | None:
+        """The next batch of jobs (None: stopping). Alone, a worker gathers up to `max_batch` rows,
+        waiting up to `max_wait` while more requests are on their way; one of several takes only
+        its share of the queue and never waits, so no job sits behind a neighbour's batch while
+        another worker is idle."""
+        with self._cv:
+            while not self._jobs and not self._stop:
+                self._cv.wait()
+            if self._stop:
+                return None
+            if self.workers == 1:
+                limit = self.max_batch
+            else:
+                rows = sum(len(j[0]) for j in self._jobs)
+                limit = min(self.max_batch, -(-rows // self.workers))
+            jobs = [self._jobs.popleft()]
+            n = len(jobs[0][0])
+            deadline = time.monotonic() + (self.max_wait if self.workers == 1 else 0.0)
+            while n < limit:
+                if self._jobs:
+                    if n + len(self._jobs[0][0]) > limit:
+                        break
+                    job = self._jobs.popleft()
+                    jobs.append(job)
+                    n += len(job[0])
+                    continue
+                timeout = deadline - time.monotonic()
+                if timeout <= 0 or self._stop or not (self.more_coming and self.more_coming() > 0):
+                    break  # nothing queued and nothing on its way (or waited long enough)
+                self._cv.wait(min(timeout, 0.001))  # woken by submit; re-check what is on its way
+            return jobs
+
+    def _loop(self, fn: Callable) -> None:
+        while (jobs := self._take()) is not None:
+            self._run(fn, jobs)
 
     def _run(self, fn: Callable, jobs) -> None:
         if self.on_batch:
@@ -187,9 +198,9 @@ class Engine:
         from facebce.models.embedder import OnnxEmbedder, Preprocess
         pre = None if mean is None else Preprocess(color=config.color, mean=mean, std=std)
 
-        def session(threads: int | None) -> OnnxEmbedder:
-            return OnnxEmbedder(spec.path, preprocess=pre, batch_size=config.max_batch, flip=config.flip,
-                                normalize=True, progress=False, intra_op_threads=threads)
+        def session(threads: int | None) -> OnnxEmbedder:  # flip and normalisation happen in `embed`
+            return OnnxEmbedder(spec.path, preprocess=pre, batch_size=config.max_batch, flip=False,
+                                normalize=False, progress=False, intra_op_threads=threads)
         self.embedders = choose_sessions(session, config.inference_sessions, config.intra_op_threads, log)
         self.embedder = self.embedders[0]
         self.size = self.embedder.input_size
@@ -210,9 +221,14 @@ class Engine:
         self.store = _open_store(config, threshold, self.dim, self.embedder, log)
         self.threshold_source = "gallery"
         wait = config.max_wait_ms / 1000.0
-        self._embed_batcher = MicroBatcher("embed", [self._embed_with(e) for e in self.embedders], config.max_batch,
-                                           wait, on_batch=self._note_batch("embed"))
-        self._search_batcher = MicroBatcher("search", self._search_rows, config.max_batch, wait,
+        self._decoding = 0  # requests decoding their images: what the embed batcher may wait for
+        self.run_rows = min(config.max_batch, self.embedder.run_rows)  # rows per ONNX call
+        self._embed_batcher = MicroBatcher("embed", [self._embed_with(e) for e in self.embedders], self.run_rows,
+                                           wait, on_batch=self._note_batch("embed"),
+                                           more_coming=lambda: self._decoding)
+        # searches gather what queued while the last one ran, without waiting: a search costs little
+        # next to the wait, and under load the queue fills by itself
+        self._search_batcher = MicroBatcher("search", self._search_rows, config.max_batch, 0.0,
                                             on_batch=self._note_batch("search"))
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facebce-gallery-writer")
         self._prep = ThreadPoolExecutor(max_workers=2, thread_name_prefix="facebce-decode")
@@ -266,7 +282,11 @@ class Engine:
     async def faces(self, items: list[tuple[bytes, str]], policy: str | None = None) -> list[Face]:
         loop = asyncio.get_running_loop()
         futs = [loop.run_in_executor(self._prep, self.face_from_bytes, data, where, policy) for data, where in items]
-        results = await asyncio.gather(*futs, return_exceptions=True)
+        self._decoding += 1
+        try:
+            results = await asyncio.gather(*futs, return_exceptions=True)
+        finally:
+            self._decoding -= 1
         for r in results:
             if isinstance(r, BaseException):
                 raise r
@@ -280,7 +300,17 @@ class Engine:
         return embed_rows
 
     async def embed(self, faces: list[Face]) -> np.ndarray:
-        return await self._embed_batcher.run(np.stack([f.crop for f in faces]))
+        """L2-normalised embeddings of the faces, equal to `OnnxEmbedder(flip=config.flip).embed`: the
+        crops (and their mirror images) go to the batcher in parts, one per worker, so that one
+        request's rows run on every idle session at once."""
+        crops = np.stack([f.crop for f in faces])
+        rows = np.concatenate([crops, crops[:, :, ::-1]]) if self.config.flip else crops
+        part = min(self.run_rows, -(-len(rows) // self._embed_batcher.workers))
+        raw = np.concatenate(await asyncio.gather(
+            *(self._embed_batcher.run(rows[i:i + part]) for i in range(0, len(rows), part))))
+        if self.config.flip:
+            raw = raw[:len(crops)] + raw[len(crops):]
+        return self.embedder.finish(raw)
 
     def _search_rows(self, queries: np.ndarray, params, sizes) -> list:
         k = max(params)

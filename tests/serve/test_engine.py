@@ -35,6 +35,48 @@ def test_several_workers_share_one_queue_and_each_job_gets_its_rows():
         late.result(timeout=1)
 
 
+def test_each_of_several_workers_takes_only_its_share_of_the_queue():
+    """Two workers, eight one-row jobs queued at once, max_batch 8: neither worker takes more than
+    half of what is queued (a job must not wait behind a neighbour's batch while a worker idles)."""
+    gate, sizes, lock = threading.Event(), [], threading.Lock()
+
+    def fn(rows, params, sizes_):
+        gate.wait(10)
+        with lock:
+            sizes.append(len(rows))
+        return list(rows)
+    batcher = MicroBatcher("t", [fn, fn], max_batch=8, max_wait=1.0)
+    try:
+        first = [batcher.submit(np.array([[0.0]])), batcher.submit(np.array([[0.0]]))]
+        time.sleep(0.2)  # both workers now hold one job each, blocked on the gate
+        futures = [batcher.submit(np.array([[float(i)]])) for i in range(8)]
+        gate.set()
+        assert [float(f.result(timeout=10)[0][0]) for f in futures] == [float(i) for i in range(8)]
+        [f.result(timeout=10) for f in first]
+    finally:
+        batcher.close()
+    assert sum(sizes) == 10 and sizes.count(1) >= 2, sizes
+    assert max(sizes) <= 4, sizes  # at most a half share of the 8 queued rows between 2 workers
+
+
+def test_one_worker_waits_for_more_rows_only_while_requests_are_on_their_way():
+    """max_wait 2 s; a second job comes 0.3 s after the first. While `more_coming` says a request is
+    decoding, the lone worker waits and runs both in one call; when nothing is coming it runs the
+    first at once."""
+    for coming, expected in ((1, [2]), (0, [1, 1])):
+        sizes = []
+        batcher = MicroBatcher("t", lambda rows, p, s: (sizes.append(len(rows)), list(rows))[1], max_batch=8,
+                               max_wait=2.0, more_coming=lambda c=coming: c)
+        try:
+            a = batcher.submit(np.array([[1.0]]))
+            time.sleep(0.3)
+            b = batcher.submit(np.array([[2.0]]))
+            assert float(a.result(timeout=10)[0][0]) == 1.0 and float(b.result(timeout=10)[0][0]) == 2.0
+        finally:
+            batcher.close()
+        assert sizes == expected, (coming, sizes)
+
+
 def test_choose_sessions_fixed_or_measured(tmp_path, monkeypatch):
     from facebce.models.embedder import OnnxEmbedder
 

@@ -93,13 +93,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(gallery: Path, log: Path, detector: bool, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
+def start_server(gallery: Path, log: Path, detector: bool, timeout: float = 300.0,
+                 flip: bool = True) -> tuple[subprocess.Popen, str]:
     import httpx
     port = free_port()
     cmd = [sys.executable, "-m", "facebce.cli", "serve", "--model", str(MODEL), "--mean", MEAN, "--std", STD,
            "--gallery", str(gallery), "--port", str(port), "--host", "127.0.0.1"]
     if detector:
         cmd += ["--detector", str(DETECTOR)]
+    if not flip:
+        cmd += ["--no-flip"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with open(log, "ab") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -116,6 +119,16 @@ def start_server(gallery: Path, log: Path, detector: bool, timeout: float = 300.
         time.sleep(0.3)
     proc.kill()
     raise RuntimeError(f"server not ready in {timeout:.0f} s: {log.read_text()[-2000:]}")
+
+
+def _arun(coro):
+    """The load generator's event loop: uvloop when installed (the `[serve]` extra brings it, as it
+    does for the server), so the client takes less of the CPU it shares with the server."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 async def load(url: str, probes: list[bytes], clients: int, requests: int, seconds: float) -> dict:
@@ -154,7 +167,7 @@ async def load(url: str, probes: list[bytes], clients: int, requests: int, secon
             "errors": len(errors)}
 
 
-def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say) -> dict:
+def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say, no_flip: bool = True) -> dict:
     """Everything in one run: bare rates, then the service at each level (and with the detector)."""
     from facebce.deploy.gallery import Gallery
     from facebce.deploy.stores import open_gallery
@@ -190,7 +203,7 @@ def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say)
             result["levels"] = []
             for clients in levels:
                 bare = bare_rate(embedder, gallery, probes, seconds=seconds / 3)  # beside each level: same noise
-                r = asyncio.run(load(url, probes, clients, per_level[clients], seconds))
+                r = _arun(load(url, probes, clients, per_level[clients], seconds))
                 r["bare_rps"], r["ratio"] = bare, r["rps"] / bare
                 result["levels"].append(r)
                 log(f"  identify, {clients:2d} clients: {r['rps']:.1f} req/s (bare {bare:.1f} img/s, "
@@ -198,7 +211,7 @@ def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say)
                     f"{r['errors']} errors in {r['requests']}")
             if detector:
                 bare = bare_rate(embedder, gallery, raw, aligner=aligner, seconds=seconds / 3)
-                r = asyncio.run(load(url, raw, 4, 40 if quick else 160, seconds))
+                r = _arun(load(url, raw, 4, 40 if quick else 160, seconds))
                 r["bare_rps"], r["ratio"] = bare, r["rps"] / bare
                 result["detector"] = r
                 log(f"  identify framed photos (detect + align), 4 clients: {r['rps']:.1f} req/s (bare {bare:.1f} "
@@ -208,12 +221,35 @@ def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say)
             metrics = httpx.get(url + "/metrics", timeout=10).text
             result["embed_batches"] = _batch_summary(metrics, "embed")
         finally:
-            proc.terminate()
+            _stop(proc)
+        if no_flip:  # the same at 16 clients without the mirrored view: half the model's work per face
+            plain = OnnxEmbedder(MODEL, preprocess=pre, flip=False, normalize=True, progress=False)
+            emb1 = plain.embed([read_bgr(p) for p in enrol])
+            g1 = Gallery(emb1.shape[1], threshold=THRESHOLD)
+            g1.add(emb1, names)
+            store = open_gallery(Path(tmp) / "noflip.faiss", dim=emb1.shape[1], create=True, threshold=THRESHOLD)
+            store.add(emb1, names)
+            store.close()
+            proc, url = start_server(Path(tmp) / "noflip.faiss", Path(tmp) / "server.log", False, flip=False)
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                bare = bare_rate(plain, g1, probes, seconds=seconds / 3)
+                r = _arun(load(url, probes, 16, per_level[16], seconds))
+                r["bare_rps"], r["ratio"] = bare, r["rps"] / bare
+                result["no_flip"] = r
+                log(f"  identify, 16 clients, --no-flip: {r['rps']:.1f} req/s (bare {bare:.1f} img/s, "
+                    f"{r['ratio']:.2f}x), p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, "
+                    f"{r['errors']} errors in {r['requests']}")
+            finally:
+                _stop(proc)
     return result
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _batch_summary(metrics: str, kind: str) -> dict:
@@ -229,8 +265,10 @@ def _batch_summary(metrics: str, kind: str) -> dict:
 def table(result: dict) -> str:
     rows = ["| clients | service req/s | bare img/s | ratio | p50 ms | p95 ms | p99 ms | errors / requests |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["levels"] + ([result["detector"]] if "detector" in result else []):
-        label = f"{r['clients']}" + (" (photos, detector)" if r is result.get("detector") else "")
+    extra = [(result[k], tag) for k, tag in (("no_flip", " (`--no-flip`)"), ("detector", " (photos, detector)"))
+             if k in result]
+    for r, tag in [(r, "") for r in result["levels"]] + extra:
+        label = f"{r['clients']}{tag}"
         rows.append(f"| {label} | {r['rps']:.1f} | {r['bare_rps']:.1f} | {r['ratio']:.2f}x | {r['p50_ms']:.0f} | "
                     f"{r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} / {r['requests']} |")
     return "\n".join(rows)

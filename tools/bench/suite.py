@@ -603,6 +603,14 @@ def bench_serve(args) -> list[Row]:
     top = res["levels"][-1]
     rows.append(Row("serve", f"p99 latency, {top['clients']} clients", top["p99_ms"], 300.0, "ms",
                     300.0 / top["p99_ms"], 1.0, "the 300 ms budget", "ratio = budget / p99"))
+    if "no_flip" in res:
+        r = res["no_flip"]
+        rows.append(Row("serve", "identify, 16 clients, --no-flip", r["rps"], r["bare_rps"], "req/s", r["ratio"],
+                        0.8, "bare loop without flip",
+                        f"p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms; "
+                        f"{r['errors']} errors in {r['requests']}"))
+        rows.append(Row("serve", "p99 latency, 16 clients, --no-flip", r["p99_ms"], 300.0, "ms",
+                        300.0 / r["p99_ms"], 1.0, "the 300 ms budget", "ratio = budget / p99"))
     if "detector" in res:
         r = res["detector"]
         rows.append(Row("serve", "identify photos (detector), 4 clients", r["rps"], r["bare_rps"], "req/s",
