@@ -124,6 +124,33 @@ def test_pair_scores_blocks_and_reverse_pairs():
         pair_scores(tids, feats, pairs, precision="float16", progress=False)
 
 
+def test_pair_scores_of_enrolment_x_verification_pairs_read_only_that_rectangle(monkeypatch):
+    """IJB-C's layout: first column from 40 enrolment templates, second from 260 others. Only the
+    40 x 260 rectangle is multiplied (not the 300-template triangle), in any block size, and the
+    scores are the direct dots; sparse ids far above the count take the binary-search lookup."""
+    import facebce.eval.ijb as ijb
+
+    rng = np.random.default_rng(6)
+    feats = rng.normal(size=(300, 16))
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    calls = []
+    real = ijb._gram_gather
+    monkeypatch.setattr(ijb, "_gram_gather", lambda left, right, *a, **k: calls.append(
+        (len(left), len(right), k.get("triangle", False))) or real(left, right, *a, **k))
+    for tids in (np.arange(300) * 2 + 5, np.arange(300) * 10 ** 9 + 7):
+        order = rng.permutation(300)
+        enrol, verif = order[:40], order[40:]
+        pairs = np.stack([tids[rng.choice(enrol, 4000)], tids[rng.choice(verif, 4000)]], 1)
+        direct = np.sum(feats[np.searchsorted(tids, pairs[:, 0])] * feats[np.searchsorted(tids, pairs[:, 1])], axis=1)
+        for block in (None, 1, 7, 39, 40):
+            calls.clear()
+            got = pair_scores(tids, feats, pairs, precision="float64", block=block, progress=False)
+            np.testing.assert_allclose(got, direct, rtol=0, atol=1e-13)
+            assert calls == [(40, 260, False)]
+        with pytest.raises(DataFormatError, match="no features"):
+            pair_scores(tids, feats, np.array([[tids[0], tids[-1] + 2]]), progress=False)
+
+
 def test_flip_and_norm_options(raw, meta):
     concat = image_features(raw, meta.face_scores, flip="concat", face_score_weight=False)
     assert concat.shape[1] == 64 and np.array_equal(concat[:, :32], raw[:, 0])

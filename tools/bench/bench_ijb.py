@@ -3,15 +3,18 @@
 Synthetic per-image features stand in for a model (scoring does not care where features come from):
 `--images` rows in `--templates` templates of `--subjects` people, several media per template,
 `--pairs` template pairs of which `--genuine` are genuine. Defaults are IJB-C's sizes (469,375 images,
-23,124 templates, 15,658,489 pairs, 19,557 genuine; D = 512). The "plain" column runs the
-transcription of eval_ijbc.py in tests/eval/reference_eval_ijbc.py: a Python loop per template,
-pairs gathered and multiplied in chunks of 100,000, sklearn roc_curve + nearest-FPR reading.
+23,124 templates, 15,658,489 pairs, 19,557 genuine; D = 512) and its layout (`--layout ijbc`): one
+enrolment template per subject (3,531), the other 19,593 templates verification templates, every pair
+one of each. `--layout random` pairs any two templates (the whole Gram triangle is then needed).
+The "plain" column runs the transcription of eval_ijbc.py in tests/eval/reference_eval_ijbc.py: a
+Python loop per template, pairs gathered and multiplied in chunks of 100,000, sklearn roc_curve +
+nearest-FPR reading.
 Both must print the same TAR@FAR row. `--rounds N` runs the two N times, interleaved, and reports
 each stage's median (a shared machine's load moves both alike within a round).
 
 Usage: python tools/bench/bench_ijb.py [--images 469375] [--templates 23124] [--pairs 15658489]
        [--genuine 19557] [--subjects 3531] [--dim 512] [--signal 0.1] [--seed 0] [--skip-plain]
-       [--precision float32|float64] [--rounds 1]
+       [--precision float32|float64] [--rounds 1] [--layout ijbc|random]
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ def synthetic_ijb(args) -> dict:
     """Image features (images, 2, dim) with a subject signal, template/media ids, scores, pairs, labels."""
     rng = np.random.default_rng(args.seed)
     template_subject = rng.integers(0, args.subjects, args.templates)
+    ijbc = getattr(args, "layout", "ijbc") == "ijbc"
+    if ijbc:  # the first `subjects` templates: one enrolment template per subject
+        template_subject[: args.subjects] = np.arange(args.subjects)
     templates = np.sort(rng.integers(0, args.templates, args.images))  # ~images/templates rows each
     templates[: args.templates] = np.arange(args.templates)  # every template has an image
     medias = templates * 8 + rng.integers(0, 8, args.images)  # a few media per template, some with many frames
@@ -46,6 +52,12 @@ def synthetic_ijb(args) -> dict:
         raw[rows, 1] = signal + rng.standard_normal((len(signal), args.dim), np.float32)
     template_ids = np.unique(templates) * 3 + 1  # sparse ids, as in the real files
     templates = templates * 3 + 1
+    if ijbc:
+        pairs, labels = _ijbc_pairs(args, rng, template_subject)
+        order = rng.permutation(len(pairs))
+        return {"raw": raw, "face_scores": rng.uniform(0.5, 1.0, args.images).astype(np.float32),
+                "templates": templates, "medias": medias, "pairs": template_ids[pairs[order]],
+                "labels": labels[order]}
     by_subject = np.argsort(template_subject, kind="stable")
     start = np.searchsorted(template_subject[by_subject], np.arange(args.subjects))
     size = np.diff(np.r_[start, args.templates])
@@ -61,6 +73,23 @@ def synthetic_ijb(args) -> dict:
     order = rng.permutation(len(pairs))
     return {"raw": raw, "face_scores": rng.uniform(0.5, 1.0, args.images).astype(np.float32),
             "templates": templates, "medias": medias, "pairs": template_ids[pairs[order]], "labels": labels[order]}
+
+
+def _ijbc_pairs(args, rng, template_subject: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IJB-C's 1:1 layout: the first `subjects` templates are enrolment templates, one per subject
+    (template_subject[t] == t, as synthetic_ijb drew them); the rest are verification templates. Each pair is
+    (enrolment, verification): `genuine` verification templates against their subject's enrolment
+    template, the other pairs against a random other subject's."""
+    s = args.subjects
+    verif = np.arange(s, args.templates)
+    chosen = rng.choice(verif, min(args.genuine, len(verif)), replace=False)
+    genuine = np.stack([template_subject[chosen], chosen], 1)
+    impostor = np.stack([rng.integers(0, s, args.pairs - len(genuine)),
+                         rng.choice(verif, args.pairs - len(genuine))], 1)
+    while (same := impostor[:, 0] == template_subject[impostor[:, 1]]).any():
+        impostor[same, 0] = rng.integers(0, s, int(same.sum()))
+    pairs = np.concatenate([genuine, impostor])
+    return pairs, np.r_[np.ones(len(genuine), bool), np.zeros(len(impostor), bool)]
 
 
 def run_facebce(d: dict, precision: str = "float32") -> tuple[dict, np.ndarray, np.ndarray]:
@@ -117,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--signal", type=float, default=0.1, help="subject signal vs unit image noise")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layout", choices=("ijbc", "random"), default="ijbc",
+                    help="pairs as IJB-C's (enrolment x verification templates) or between any two templates")
     ap.add_argument("--skip-plain", action="store_true", help="time facebce only (the plain loop is slow)")
     ap.add_argument("--precision", choices=("float32", "float64"), default="float32", help="facebce's pair scores")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; stage times are medians")

@@ -19,8 +19,9 @@ a warm-up. Areas (--only picks some):
            full head (step time and peak memory, each in its own process).
   eval     LFW-sized 10-fold (6000 pairs) vs insightface's fixed-grid loops (verification.py
            transcribed: thresholds 0..4 step 0.01 per fold, VAL on 0..4 step 0.001), same numbers
-           required; IJB-C-sized 1:1 scoring (469,375 images, 23,124 templates, 15.7M pairs,
-           synthetic features) vs a plain numpy transcription of eval_ijbc.py, same TAR@FAR required.
+           required; IJB-C-sized 1:1 scoring (469,375 images, 23,124 templates, 15.7M pairs in
+           IJB-C's layout of 3,531 enrolment x 19,593 verification templates, synthetic features)
+           vs a plain numpy transcription of eval_ijbc.py, same TAR@FAR required.
   onnx     onnxruntime (facebce's export, facebce's session settings) vs torch eager, r50 and mbf,
            batch 1 and 32, images/s; the static int8 variant (QDQ, calibrated on 64 LFW crops from
            ../shared) vs fp32 onnxruntime; all interleaved in one process.
@@ -437,7 +438,7 @@ def bench_eval(args) -> list[Row]:
     sizes = dict(images=469_375, templates=23_124, pairs=15_658_489, genuine=19_557, subjects=3_531)
     if args.quick:
         sizes = dict(images=20_000, templates=1_000, pairs=200_000, genuine=2_000, subjects=150)
-    ns = argparse.Namespace(dim=512, signal=0.1, seed=0, **sizes)
+    ns = argparse.Namespace(dim=512, signal=0.1, seed=0, layout="ijbc", **sizes)  # enrolment x verification pairs
     d = bench_ijb.synthetic_ijb(ns)
     rounds = 1 if args.quick else args.ijb_rounds
     runs = bench_ijb.interleaved(d, rounds)  # facebce (float32 Gram) and plain eval_ijbc.py, alternating
