@@ -2,13 +2,13 @@
 
 - `MicroBatcher`: worker threads that take jobs (rows of an array) from one queue; each gathers
   those waiting, up to its `max_batch` rows (for the embedder: the model's fixed batch, else the
-  config's max_batch), runs one call on all of them and hands each job its rows back. With one worker it waits up to `max_wait` seconds
-  after the first job, but only while requests are still being decoded (`more_coming`); with
-  several it never waits (an idle worker takes what is queued) and takes at most its share of the
-  queue, so no job waits behind a neighbour's oversized batch. Concurrent requests' faces are
-  embedded in one ONNX call as far as the model's batch allows, and their probes searched in one
-  gallery call. If the shared call
-  fails, each job is retried alone so a bad request cannot fail its neighbours.
+  config's max_batch), runs one call on all of them and hands each job its rows back. With one
+  worker it waits up to `max_wait` seconds after the first job, but only while requests are still
+  being decoded (`more_coming`); with several it never waits (an idle worker takes what is queued)
+  and takes at most its share of the queue, so no job waits behind a neighbour's oversized batch.
+  Concurrent requests' faces are embedded in one ONNX call as far as the model's batch allows, and
+  their probes searched in one gallery call. If the shared call fails, each job is retried alone
+  so a bad request cannot fail its neighbours.
 - Views: with flip, a face's crop and its mirror image are two rows, and a request's rows are split
   over the workers, so at low load one face's two views run on two cores at once; the sums and
   the L2 normalisation are the embedder's own (`finish`), so embeddings equal `OnnxEmbedder.embed`.

@@ -10,8 +10,13 @@ median wall time of the timed passes (the first pass is a warm-up, and gives the
 compares each candidate's flattened backbone gradient with the fp32 NCHW one from the same weights,
 batch and random draws. The fastest candidate whose cosine is >= `min_cosine` wins; fp32 NCHW is
 always eligible. The optimizer step is not timed: it is the same fp32 update in every candidate. A
-candidate whose warm-up pass already takes ABANDON times the best timed pass so far (bf16 on a CPU
-without native bf16 is often 5-10x slower) is not timed further: that keeps the tuning cheap.
+candidate that cannot win is dropped early, to keep the tuning cheap (bf16 on a CPU without native
+bf16 is often 5-10x slower, and one r50 pass of it at batch 32 took ~4 min on a Zen 1 core pair):
+every candidate first runs twice on a slice of the batch (PROBE_FRACTION of it, at least 2 images),
+and one whose second slice pass takes ABANDON times the fastest candidate's is not run on the whole
+batch at all ("probe only": its time is the slice's, scaled to the batch; no gradient cosine); a
+candidate whose warm-up pass on the whole batch takes ABANDON times the best timed pass so far is
+not timed further ("warm-up only").
 
 On CUDA precision is not timed: bf16 where the device supports it, else fp16 (the engine adds a
 GradScaler); only the layout is timed (`candidate_settings`).
@@ -34,6 +39,7 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TUNED_AMP = ("none", "bf16", "fp16")  # what a tuned or recorded `amp` may be
 RUN_FRACTION = 0.1  # tune only when the tuning passes are at most this fraction of the run's passes
 ABANDON = 3.0  # a candidate whose warm-up pass is this many times the best timed pass so far is not timed further
+PROBE_FRACTION = 1 / 16  # of the batch: the slice every candidate is first timed on
 FP16_LOSS_SCALE = 1024.0  # fp16 gradients of a small loss underflow; the cosine does not see the scale
 
 
@@ -63,6 +69,7 @@ class AutotuneResult:
     seconds: float = 0.0                          # wall time of the whole tuning
     note: str = ""                                # why the choice was not the fastest eligible one
     warmup_only: list = field(default_factory=list)  # labels abandoned after a slow warm-up (time = warm-up's)
+    probe_only: list = field(default_factory=list)   # labels dropped after the batch slice (time = slice's, scaled)
 
     def as_dict(self) -> dict:
         def num(v):
@@ -70,7 +77,8 @@ class AutotuneResult:
         return {"amp": self.amp, "channels_last": self.channels_last, "chosen": self.chosen_label,
                 "seconds_per_step": {k: num(v) for k, v in self.timings.items()},
                 "gradient_cosine": {k: num(v) for k, v in self.cosines.items()},
-                "warmup_only": list(self.warmup_only), "min_cosine": num(self.min_cosine),
+                "warmup_only": list(self.warmup_only), "probe_only": list(self.probe_only),
+                "min_cosine": num(self.min_cosine),
                 "tuning_seconds": round(self.seconds, 2), "note": self.note}
 
     def summary(self) -> str:
@@ -78,7 +86,8 @@ class AutotuneResult:
         parts = []
         for label, t in self.timings.items():
             mark = "*" if label == self.chosen_label else ""
-            slow = " (warm-up only)" if label in self.warmup_only else ""
+            slow = (" (warm-up only)" if label in self.warmup_only else
+                    " (batch slice only)" if label in self.probe_only else "")
             parts.append(f"{mark}{label} {t * 1e3:.0f} ms{slow} (cos {self.cosines.get(label, math.nan):.4f})")
         return "; ".join(parts)
 
@@ -124,7 +133,8 @@ def choose(backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: t
     start = time.perf_counter()
     images = images.to(device)
     labels = labels.to(device)
-    timings, cosines, warmup_only = {}, {}, []
+    timings, cosines, warmup_only, probe_only, probes = {}, {}, [], [], {}
+    probe_rows = max(2, int(len(images) * PROBE_FRACTION))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         head_copy = _copy(head).train()
         generators = _generators(head_copy)
@@ -137,19 +147,21 @@ def choose(backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: t
             params = list(model.parameters())
             return (torch.compile(model) if c.compile else model), params
 
-        def run(model, params, c: Candidate, grads: bool) -> Optional[torch.Tensor]:
-            """One forward + backward from the same random draws; the flat backbone gradient if asked."""
+        def run(model, params, c: Candidate, grads: bool, rows: Optional[int] = None) -> Optional[torch.Tensor]:
+            """One forward + backward from the same random draws (on the first `rows` images: the
+            probe slice); the flat backbone gradient if asked."""
             torch.manual_seed(0)
             for g, state in zip(generators, generator_states):
                 g.set_state(state)
             for p in params:
                 p.grad = None
             head_copy.zero_grad(set_to_none=True)
-            x = images.contiguous(memory_format=torch.channels_last) if c.channels_last else images.contiguous()
+            x, y = (images, labels) if rows is None else (images[:rows], labels[:rows])
+            x = x.contiguous(memory_format=torch.channels_last) if c.channels_last else x.contiguous()
             dtype = AMP_DTYPES[c.amp]
             ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
             with ctx:
-                loss = head_copy(model(x), labels).loss
+                loss = head_copy(model(x), y).loss
             (loss * FP16_LOSS_SCALE if c.amp == "fp16" else loss).backward()
             if not grads:
                 return None
@@ -163,6 +175,20 @@ def choose(backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: t
             del model, params
         for c in sorted(cands, key=lambda c: c != REFERENCE):  # the reference first: its gradient is compared
             model, params = model_for(c)
+            if not c.compile and probe_rows < len(images):  # two passes on the slice; the second is timed
+                for _ in range(2):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    run(model, params, c, False, probe_rows)
+                    _sync(device)
+                probe = time.perf_counter() - t0
+                fastest = min(probes.values(), default=math.inf)
+                probes[c.label] = probe
+                if c != REFERENCE and probe > ABANDON * fastest:  # cannot win: not run on the whole batch
+                    timings[c.label], cosines[c.label] = probe * len(images) / probe_rows, math.nan
+                    probe_only.append(c.label)
+                    del model, params
+                    continue
             _sync(device)
             t0 = time.perf_counter()
             grad = run(model, params, c, True)  # warm-up (and compilation)
@@ -195,7 +221,7 @@ def choose(backbone: nn.Module, head: nn.Module, images: torch.Tensor, labels: t
         say(f"autotune: {note}")
     result = AutotuneResult(chosen.amp, chosen.channels_last, {k: timings[k] for k in order},
                             {k: cosines[k] for k in order}, chosen.label, min_cosine,
-                            time.perf_counter() - start, note, warmup_only)
+                            time.perf_counter() - start, note, warmup_only, probe_only)
     return result
 
 

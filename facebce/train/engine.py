@@ -52,7 +52,7 @@ from facebce.train import checkpoint as ckpt
 from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, MetricsLogger, ModelFiles,
                                      ProgressBar, Verification, write_json_atomic)
 from facebce.train.config import TrainConfig, load_config, save_config
-from facebce.train.loader import (SeededSamples, ShardedBatchSampler, batch_collate, batches_per_epoch, build_datasets,
+from facebce.train.loader import (EpochBatchSampler, SeededSamples, batch_collate, batches_per_epoch, build_datasets,
                                   normalise_batch, raise_worker_errors)
 
 
@@ -432,19 +432,24 @@ class Trainer:
             f"or use amp: bf16/none.")
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Micro-batches forever, epoch after epoch, tracking (epoch, samples consumed) for checkpoints."""
+        """Micro-batches forever, epoch after epoch, tracking (epoch, samples consumed) for checkpoints.
+        One DataLoader over `EpochBatchSampler` serves the whole run: its workers keep decoding across
+        epoch boundaries instead of being forked again for every epoch."""
         d = self.cfg.data
-        while True:
-            sampler = ShardedBatchSampler(len(self.dataset), d.batch_size, rank=self.rank, world_size=self.world_size,
-                                          seed=self.cfg.seed, epoch=self.epoch, start=self.epoch_samples)
-            loader = DataLoader(self.samples, batch_sampler=sampler, num_workers=d.num_workers,
-                                collate_fn=batch_collate, pin_memory=self.device.type == "cuda",
-                                generator=torch.Generator(), persistent_workers=False)
-            for batch in raise_worker_errors(loader):
-                self.epoch_samples += d.batch_size * self.world_size
-                yield batch
-            self.epoch += 1
-            self.epoch_samples = 0
+        n, global_batch = len(self.dataset), d.batch_size * self.world_size
+        sampler = EpochBatchSampler(n, d.batch_size, rank=self.rank, world_size=self.world_size, seed=self.cfg.seed,
+                                    epoch=self.epoch, start=self.epoch_samples)
+        loader = DataLoader(self.samples, batch_sampler=sampler, num_workers=d.num_workers, collate_fn=batch_collate,
+                            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+                            persistent_workers=False)
+        left = batches_per_epoch(n, d.batch_size, self.world_size, self.epoch_samples)  # in the sampler's epoch
+        for batch in raise_worker_errors(loader):
+            if left == 0:  # the sampler has moved on to the next epoch
+                self.epoch, self.epoch_samples = self.epoch + 1, 0
+                left = batches_per_epoch(n, d.batch_size, self.world_size)
+            left -= 1
+            self.epoch_samples += global_batch
+            yield batch
 
     # ------------------------------------------------------------------------------ logging
     def log(self, **values) -> None:

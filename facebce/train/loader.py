@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler, default_collate, get_worker_info
 
 from facebce.data import ImageFolderDataset, RecDataset, SyntheticFaceDataset, SyntheticFaces
 from facebce.data.transforms import INPUT_MEAN, INPUT_STD, decode_image, random_hflip, to_batch, train_transform
-from facebce.errors import FacebceError
+from facebce.errors import ConfigError, FacebceError
 from facebce.train.config import DataConfig
 
 
@@ -295,6 +295,26 @@ def batch_collate(batch):
 def batches_per_epoch(num_samples: int, batch_size: int, world_size: int, start: int = 0) -> int:
     """Whole global batches left in an epoch that starts at sample offset `start` (the rest is dropped)."""
     return max(num_samples - start, 0) // (batch_size * world_size)
+
+
+class EpochBatchSampler(Sampler):
+    """`ShardedBatchSampler`'s batches epoch after epoch, without end, from sample offset `start` of
+    `epoch`: one DataLoader, and so one set of worker processes, for a whole run (a DataLoader per
+    epoch would fork its workers again and refill their prefetch queue at every epoch boundary)."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, start: int = 0):
+        if batches_per_epoch(num_samples, batch_size, world_size) == 0:
+            raise ConfigError(f"data.batch_size: {batch_size} x {world_size} processes is more than the "
+                              f"{num_samples} samples")
+        self.args = dict(num_samples=num_samples, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed)
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.epoch, self.start
+        while True:
+            yield from ShardedBatchSampler(**self.args, epoch=epoch, start=start)
+            epoch, start = epoch + 1, 0
 
 
 class ShardedBatchSampler(Sampler):

@@ -5,6 +5,8 @@ whatever this machine gives."""
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import pytest
 import torch
@@ -82,6 +84,34 @@ def test_choose_picks_a_timed_candidate_and_leaves_the_model_alone(small_model):
     assert backbone[0].weight.is_contiguous()  # the model's own layout untouched
     record = result.as_dict()
     assert json.loads(json.dumps(record))["chosen"] == result.chosen_label
+
+
+SLOW_ROWS = []  # batch sizes the slow layer saw in channels_last (module level: choose() deep-copies the model)
+
+
+class SlowInChannelsLast(nn.Module):
+    """Identity, but 20 ms per image when its input is in channels_last order: a candidate that
+    cannot win, as bf16 is on a CPU without bf16 instructions."""
+
+    def forward(self, x):
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            SLOW_ROWS.append(len(x))
+            time.sleep(0.02 * len(x))
+        return x
+
+
+def test_a_candidate_slow_on_the_batch_slice_never_runs_on_the_whole_batch(small_model):
+    backbone, head, x, y = small_model
+    x = torch.cat([x, x])  # 16 images: the probe slice is 2
+    y = torch.cat([y, y])
+    SLOW_ROWS.clear()
+    result = autotune.choose(nn.Sequential(SlowInChannelsLast(), backbone), head, x, y, "cpu",
+                             candidates=[("none", False), ("none", True)], say=lambda line: None)
+    assert SLOW_ROWS == [2, 2]  # the two slice passes, then dropped: no whole-batch warm-up or timing
+    assert result.probe_only == ["fp32 channels_last"] and result.chosen_label == "fp32 NCHW"
+    assert result.timings["fp32 channels_last"] >= 0.02 * 16  # the slice's time scaled to the batch
+    assert math.isnan(result.cosines["fp32 channels_last"]) and "(batch slice only)" in result.summary()
+    assert json.loads(json.dumps(result.as_dict()))["probe_only"] == ["fp32 channels_last"]
 
 
 def test_min_cosine_above_one_leaves_only_fp32_nchw(small_model):

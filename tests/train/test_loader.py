@@ -6,7 +6,8 @@ import torch
 from torch.utils.data import Dataset
 
 from facebce.train import lr_at
-from facebce.train.loader import SeededSamples, ShardedBatchSampler, batches_per_epoch
+from facebce.errors import ConfigError
+from facebce.train.loader import EpochBatchSampler, SeededSamples, ShardedBatchSampler, batches_per_epoch
 
 
 def batches(n, b, w, epoch=0, start=0, seed=5):
@@ -33,6 +34,21 @@ def test_resume_offset_gives_the_remaining_batches_on_any_world_size():
     one = batches(n, 8, 1, start=3 * b * 2)[0]
     two = [sorted(full[0][k] + full[1][k]) for k in range(3, len(full[0]))]
     assert [sorted(x) for x in one] == two
+
+
+def test_one_sampler_for_a_whole_run_continues_epoch_after_epoch():
+    """EpochBatchSampler (one DataLoader for the run) yields exactly the per-epoch samplers' batches
+    one epoch after another, from a resume offset in the first, on every rank."""
+    import itertools
+
+    n, b, w = 50, 4, 2
+    for r in range(w):
+        run = list(itertools.islice(EpochBatchSampler(n, b, rank=r, world_size=w, seed=5, epoch=3, start=16), 20))
+        expected = [x for e, start in ((3, 16), (4, 0), (5, 0), (6, 0))
+                    for x in ShardedBatchSampler(n, b, rank=r, world_size=w, seed=5, epoch=e, start=start)][:20]
+        assert run == expected and {k[0] for x in run for k in x} == {3, 4, 5, 6}
+    with pytest.raises(ConfigError, match="more than the 7 samples"):
+        EpochBatchSampler(7, 4, world_size=2)
 
 
 def test_epochs_reshuffle():

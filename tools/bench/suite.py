@@ -7,9 +7,9 @@ for memory, baseline / facebce) and the target. Every timing is the median of --
 a warm-up. Areas (--only picks some):
 
   data     the trainer's input pipeline (.rec read + decode + flip + uint8 batching through the
-           DataLoader with 0 and 2 workers, then the step's normalise_batch) vs a bare cv2.imdecode
-           loop over the same records'
-           bytes with as many threads (the decode limit).
+           DataLoader with 0 and 2 workers, then the step's normalise_batch; two epochs from the
+           DataLoader's start, as the trainer's one loader for the run) vs a bare cv2.imdecode loop
+           over the same records' bytes with as many threads (the decode limit).
   train    r50 / mbf + bce_u_norm forward + backward + SGD step at batch 32 on the CPU: facebce's
            engine (Trainer) with its default auto setting (amp/channels_last chosen by timing at the
            start, facebce.train.autotune; the row carries the target) and each fixed setting, vs a
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -102,7 +103,7 @@ def bench_data(args) -> list[Row]:
     from torch.utils.data import DataLoader
 
     from facebce.data.rec_dataset import RecDataset
-    from facebce.train.loader import SeededSamples, ShardedBatchSampler, batch_collate, normalise_batch
+    from facebce.train.loader import EpochBatchSampler, SeededSamples, batch_collate, normalise_batch
 
     rec = SHARED / "data" / "celeba299" / "rec"
     tmp = None
@@ -126,14 +127,15 @@ def bench_data(args) -> list[Row]:
 
     def pipeline(workers: int) -> float:
         samples = SeededSamples(ds, seed=0, uint8=True)  # as the trainer: uint8 batches, normalised at the step
+        per_epoch = len(ds) // args.batch
 
-        def one_epoch():
-            sampler = ShardedBatchSampler(len(ds), args.batch, seed=0, epoch=0)
-            loader = DataLoader(samples, batch_sampler=sampler, num_workers=workers, collate_fn=batch_collate,
-                                persistent_workers=False)  # exactly the trainer's DataLoader
-            return sum(len(normalise_batch(x)) for x, _ in loader)  # the normalisation counts (on a CPU trainer)
-        n = (len(ds) // args.batch) * args.batch
-        return n / median_seconds(one_epoch, args.repeats)
+        def two_epochs():  # from the DataLoader's start (workers forked) through an epoch boundary
+            loader = DataLoader(samples, batch_sampler=EpochBatchSampler(len(ds), args.batch, seed=0),
+                                num_workers=workers, collate_fn=batch_collate,
+                                persistent_workers=False)  # exactly the trainer's DataLoader: one for the run
+            return sum(len(normalise_batch(x)) for x, _ in  # the normalisation counts (on a CPU trainer)
+                       itertools.islice(loader, 2 * per_epoch))
+        return 2 * per_epoch * args.batch / median_seconds(two_epochs, args.repeats)
 
     rows = []
     for workers, threads in ((0, 1), (2, 2)):
