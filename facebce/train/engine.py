@@ -157,6 +157,8 @@ class Trainer:
         self._build_runtime()
         resume_from = self._find_resume(resume_older) if resume or resume_older else None
         self._build_data()
+        if self.is_main:  # only once the data loaded: a bad recipe leaves no run folder behind
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self._resolve_settings(resume_from)
         self._build_model()
         self._build_optimizer()
@@ -164,7 +166,8 @@ class Trainer:
         self._build_callbacks(callbacks)
 
     def _build_runtime(self) -> None:
-        """Processes, device, autocast dtype, threads and the run folder; bad paths fail on every rank."""
+        """Processes, device, autocast dtype, threads and where the run folder goes (made once the data
+        loaded); bad paths fail on every rank."""
         cfg = self.cfg
         self.rank, self.world_size, self.local_rank, self._owns_group = init_distributed()
         self.is_main = self.rank == 0
@@ -175,8 +178,6 @@ class Trainer:
         self._set_threads_and_determinism()
         self.run_dir = Path(cfg.checkpoint.dir or "runs/train")
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if self.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         for path in cfg.verification.bins:  # checked on every rank: a rank-0-only failure would hang the others
             if not Path(path).is_file():
                 raise ConfigError(f"verification.bins: {path}: no such file")

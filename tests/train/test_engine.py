@@ -236,6 +236,20 @@ def test_missing_verification_bin_is_a_config_error(tmp_path):
         Trainer(tiny_config(tmp_path, verification={"bins": [str(tmp_path / "nope.bin")]}))
 
 
+def test_bad_data_fails_before_any_run_folder_is_made(tmp_path):
+    """A recipe whose data does not load (or whose .bin is missing) stops with one error and leaves
+    no run folder behind."""
+    from facebce.errors import ConfigError
+    run_dir = tmp_path / "run"
+    bad = tmp_path / "not_a_rec"
+    bad.mkdir()
+    with pytest.raises(FacebceError):
+        Trainer(tiny_config(run_dir, data={"kind": "rec", "path": str(bad), "batch_size": 4, "num_workers": 0}))
+    with pytest.raises(ConfigError, match="nope.bin"):
+        Trainer(tiny_config(run_dir, verification={"bins": [str(tmp_path / "nope.bin")]}))
+    assert not run_dir.exists()
+
+
 # ------------------------------------------------------------------ damaged newest checkpoint on --resume
 
 class _Evil:
