@@ -715,8 +715,11 @@ def main(argv=None) -> int:
         args.repeats = 1
     start = time.perf_counter()
     info = machine()
+    # the peer-only train rows are medians of their own interleaved rounds, not of --repeats
+    timing = (f"medians of {args.peer_rounds} interleaved rounds" if args.only == ["train"] and args.peer_only
+              else f"median of {args.repeats}")
     say(f"facebce bench on {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
-        f"{'CUDA ' + info['cuda'] if info['cuda'] else 'no GPU'}; median of {args.repeats}")
+        f"{'CUDA ' + info['cuda'] if info['cuda'] else 'no GPU'}; {timing}")
     rows: list[Row] = []
     for area in AREAS:
         if area in args.only:
@@ -731,7 +734,7 @@ def main(argv=None) -> int:
            "rows": [asdict(r) | {"meets": r.meets} for r in rows]}
     for name, text in (("bench.json", json.dumps(doc, indent=2) + "\n"),
                        ("bench.md", f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-                                    f"{info['date']}; median of {args.repeats}.\n\n{md}\n")):
+                                    f"{info['date']}; {timing}.\n\n{md}\n")):
         tmp = args.out / f".{name}.tmp"
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, args.out / name)
