@@ -38,11 +38,10 @@ def _cmd_data_pairs(args) -> None:
 
 
 def _cmd_calibrate(args) -> None:
-    from facebce.deploy.align import norm_crop  # IJB crops are aligned on the fly, as in eval
     from facebce.eval.calibrate import calibrate, drift_markdown
     cal = calibrate(_model_spec(args), _protocol_sets(args.sets), target_far=args.target_far, on=args.on,
                     pooled=args.pooled, replicates=args.bootstrap, seed=args.seed, flip=not args.no_flip,
-                    cache_dir=args.cache, protocol_paths=args.protocols, out=args.out, align=norm_crop)
+                    cache_dir=args.cache, protocol_paths=args.protocols, out=args.out)
     print(drift_markdown(cal) + f"\n\ncalibration written to {cal.path} (drift report {cal.path.with_suffix('.md')}, "
           f"plot {cal.path.with_suffix('.png')}); use it with --threshold calibrated:{cal.path}")
 
@@ -72,10 +71,9 @@ def _cmd_eval(args) -> None:
         return
     sets = _protocol_sets(args.sets)
     model = None if args.model == "-" else _model_spec(args)
-    from facebce.deploy.align import norm_crop  # IJB crops are aligned on the fly
     report = evaluate(model, sets, flip=not args.no_flip, threshold=args.threshold, bias=args.bias,
                       cache_dir=args.cache, out_dir=args.out, tar_mode=args.tar_mode,
-                      model_name=args.model_name, protocol_paths=args.protocols, align=norm_crop)
+                      model_name=args.model_name, protocol_paths=args.protocols)
     print(to_markdown(report))
     if args.cache and model is not None:
         print(f"\nembeddings cached in {args.cache}/{model.key}/; re-score without the model: "

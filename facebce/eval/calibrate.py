@@ -598,7 +598,7 @@ def calibrate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, targ
     """Score `protocols` with `model` (a ModelSpec, an embedder or a mapping set -> embeddings, as
     `evaluate` takes), calibrate (see `calibrate_scored`) and, with `out`, write calib.json and its
     drift report (`<stem>.md`, `<stem>.png`) beside it, atomically. `align` (IJB sets only): as `evaluate`
-    takes it, e.g. facebce.deploy.align.norm_crop (eval may not import deploy; the CLI passes it)."""
+    takes it (None: insightface's `norm_crop`, facebce.data.align)."""
     check_target(target_far)  # before any embedding
     if pooled and on is not None:
         raise ConfigError("calibrate: give --pooled or --on SET, not both")

@@ -94,8 +94,8 @@ class EmbeddingSource:
             return _checked_raw(_load_npy(cache), f"{meta.name} (cache {cache})", meta.templates.size, views)
         if self.model is None:
             raise ConfigError(f"{meta.name}: no cached features at {cache} and no model to compute them")
-        if align is None:
-            raise ConfigError(f"{meta.name}: IJB needs an align function (align=facebce.deploy.align.norm_crop)")
+        if align is None:  # insightface's norm_crop, as eval_ijbc.py aligns
+            from facebce.data.align import norm_crop as align
         embedder = self._embedder("ijb")
         if getattr(embedder, "flip", False):
             raise ConfigError(f"{meta.name}: the embedder flips; IJB needs the two views apart (flip=False)")

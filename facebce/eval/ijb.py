@@ -6,8 +6,8 @@ points and embeds it and its mirror image; `image_features` applies the flip / n
 options; `template_features` pools media then templates; `pair_scores` scores the template pairs;
 `evaluate_ijb` reads ROC, TAR@FAR, 1:N and the operating point at a global threshold.
 
-Alignment is a parameter (`align(img_bgr, kps5x2) -> crop_bgr`): facebce's aligner lives in
-facebce.deploy, which eval may not import; the caller (CLI) passes `facebce.deploy.align.norm_crop`.
+Alignment is a parameter (`align(img_bgr, kps5x2) -> crop_bgr`); the evaluation runner's default is
+insightface's `norm_crop` (facebce.data.align, the geometry facebce.deploy's aligner uses too).
 
 Pooling reproduces eval_ijbc.py's float32 arithmetic (rows summed in file order, media in ascending
 id order) with `np.add.reduceat` instead of a Python loop per template, so template features are

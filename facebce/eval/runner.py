@@ -67,7 +67,7 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     rows x views x D raw features; open-set folder: N x D in folder order, identities and files
     sorted), or None to re-score from `cache_dir` under `model_name`.
     far_targets: None = each protocol's own (FAR_TARGETS for pairs sets). `align` (IJB only):
-    `align(img_bgr, kps5x2) -> crop_bgr`, e.g. facebce.deploy.align.norm_crop.
+    `align(img_bgr, kps5x2) -> crop_bgr`; None: insightface's `norm_crop` (facebce.data.align).
     `uniform` = (score matrix, labels) of a classifier adds the uniform-classification section.
 
     Flip: an embedder with its own `flip` (OnnxEmbedder, TorchEmbedder) must agree with `flip` and

@@ -239,8 +239,12 @@ def test_runner_caches_ijb_features(ijb_root, tmp_path):
                      progress=False)
     np.testing.assert_array_equal(first.ijb[0].scores, again.ijb[0].scores)
     assert first.ijb[0].at_threshold == again.ijb[0].at_threshold
-    with pytest.raises(ConfigError, match="IJB needs an align function"):
-        evaluate(ProjectionEmbedder(), [("ijbc", ijb_root)], threshold="fixed:0.3", progress=False)
+    # without `align` the runner aligns with insightface's norm_crop itself (the CLI passes nothing)
+    from facebce.data.align import norm_crop
+    default = evaluate(ProjectionEmbedder(), [("ijbc", ijb_root)], threshold="fixed:0.3", progress=False)
+    explicit = evaluate(ProjectionEmbedder(), [("ijbc", ijb_root)], threshold="fixed:0.3", align=norm_crop,
+                        progress=False)
+    np.testing.assert_array_equal(default.ijb[0].scores, explicit.ijb[0].scores)
     with pytest.raises(ConfigError, match="needs a pairs set to fit on"):
         evaluate(ProjectionEmbedder(), [("ijbc", ijb_root)], progress=False)
 
