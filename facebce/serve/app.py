@@ -16,7 +16,9 @@ import binascii
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from contextlib import asynccontextmanager
@@ -31,12 +33,13 @@ from facebce.errors import FacebceError
 from facebce.serve.auth import ApiKey, KeyStore, scope_allows
 from facebce.serve.config import POLICIES, ServeConfig
 from facebce.serve.engine import Engine, ServiceError
-from facebce.serve.metrics import Metrics
+from facebce.serve.metrics import Metrics, SharedMetrics, worker_metrics
 from facebce.serve.page import PAGE
 
 __all__ = ["CONFIG_ENV", "app_from_env", "create_app", "run"]
 
 CONFIG_ENV = "FACEBCE_SERVE_RESOLVED"  # the resolved config handed to uvicorn's worker processes
+METRICS_ENV = "FACEBCE_SERVE_METRICS_DIR"  # where the worker processes leave their counts (metrics.py)
 _OPEN = ApiKey("(no keys file)", "admin", "", "")  # loopback-only server without authentication
 _MAX_NAME = 128
 
@@ -88,7 +91,8 @@ class _Guard:
 def create_app(config: ServeConfig, *, engine: Engine | None = None, log=print) -> FastAPI:
     """The app; its lifespan loads the model, detector and gallery (GET /readyz says when) unless
     `engine` is given (as `run` does, so that load errors are one line before uvicorn starts)."""
-    metrics = engine.metrics if engine is not None and engine.metrics is not None else Metrics()
+    metrics = (engine.metrics if engine is not None and engine.metrics is not None
+               else worker_metrics(os.environ.get(METRICS_ENV)))
     keys = KeyStore.load(config.keys) if config.keys else None
     state: dict = {"engine": None, "error": None}
 
@@ -110,6 +114,8 @@ def create_app(config: ServeConfig, *, engine: Engine | None = None, log=print) 
             running, state["engine"] = state["engine"], None
             if running is not None:
                 running.close()
+            if isinstance(metrics, SharedMetrics):
+                metrics.close()
 
     app = FastAPI(title="facebce serve", version=__version__, lifespan=lifespan,
                   description="Enrol, identify and verify faces at one global cosine threshold.")
@@ -457,9 +463,14 @@ def run(config: ServeConfig, *, out=print) -> None:
         Engine(config, log=out).close()  # bad model/gallery/detector: one line here, not N worker tracebacks
         out(f"serving with {config.workers} worker processes on {url}")
         os.environ[CONFIG_ENV] = config.to_json()
-        uvicorn.run("facebce.serve.app:app_from_env", factory=True, host=config.host, port=config.port,
-                    workers=config.workers, log_level=config.log_level, access_log=False,
-                    timeout_worker_healthcheck=600)  # a worker loads the model before it answers: can take minutes
+        folder = tempfile.mkdtemp(prefix="facebce-metrics-")  # the workers' counts, summed by GET /metrics
+        os.environ[METRICS_ENV] = folder
+        try:
+            uvicorn.run("facebce.serve.app:app_from_env", factory=True, host=config.host, port=config.port,
+                        workers=config.workers, log_level=config.log_level, access_log=False,
+                        timeout_worker_healthcheck=600)  # a worker loads the model before it answers: minutes
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     else:
         engine = Engine(config, log=out, metrics=Metrics())
         out(f"serving on {url}")

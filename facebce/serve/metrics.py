@@ -1,12 +1,20 @@
 """Prometheus text exposition (format 0.0.4), written by hand: request counts by route and status,
-latency histograms by route, micro-batch size histograms, and the gallery's size. Per process: with
---workers N each worker reports its own."""
+latency histograms by route, micro-batch size histograms, and the gallery's size.
+
+With --workers N every worker process counts its own requests, so whichever worker answers
+GET /metrics would report only a part. `SharedMetrics` makes the figures the service's: each
+worker writes its counts (`Metrics.state`) to its own file in a folder the parent process made,
+about once a second and at every scrape, and a scrape adds up every worker's file (a worker that
+died keeps its last counts: counters never go back)."""
 from __future__ import annotations
 
+import json
+import os
 import threading
 from collections import defaultdict
+from pathlib import Path
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "SharedMetrics", "worker_metrics"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -25,6 +33,17 @@ class _Histogram:
                 self.counts[i] += 1
         self.sum += value
         self.n += 1
+
+    def state(self) -> dict:
+        return {"counts": list(self.counts), "sum": self.sum, "n": self.n}
+
+    def add(self, state: dict) -> None:
+        counts = state["counts"]
+        if len(counts) != len(self.counts):
+            raise ValueError("histogram buckets differ")
+        self.counts = [a + int(b) for a, b in zip(self.counts, counts)]
+        self.sum += float(state["sum"])
+        self.n += int(state["n"])
 
     def lines(self, name: str, labels: str) -> list[str]:
         sep = "," if labels else ""
@@ -60,6 +79,23 @@ class Metrics:
         with self._lock:
             self.batches.setdefault(kind, _Histogram(BATCH_BUCKETS)).observe(size)
 
+    def state(self) -> dict:
+        """This process's counts as plain JSON data (what `SharedMetrics` writes and adds up)."""
+        with self._lock:
+            return {"requests": [[r, m, s, n] for (r, m, s), n in self.requests.items()],
+                    "latency": {k: h.state() for k, h in self.latency.items()},
+                    "batches": {k: h.state() for k, h in self.batches.items()}}
+
+    def add(self, state: dict) -> None:
+        """Add another process's `state()` to these counts."""
+        with self._lock:
+            for route, method, status, n in state["requests"]:
+                self.requests[(str(route), str(method), int(status))] += int(n)
+            for kind, into, buckets in (("latency", self.latency, LATENCY_BUCKETS),
+                                        ("batches", self.batches, BATCH_BUCKETS)):
+                for key, h in state[kind].items():
+                    into.setdefault(key, _Histogram(buckets)).add(h)
+
     def render(self, gallery_entries: int | None, gallery_identities: int | None) -> str:
         with self._lock:
             out = ["# HELP facebce_requests_total HTTP requests by route, method and status.",
@@ -80,3 +116,50 @@ class Metrics:
                     "# HELP facebce_gallery_identities Distinct identities in the gallery.",
                     "# TYPE facebce_gallery_identities gauge", f"facebce_gallery_identities {gallery_identities}"]
         return "\n".join(out) + "\n"
+
+
+class SharedMetrics(Metrics):
+    """A worker's `Metrics` that renders the sum over every worker writing to `folder` (module
+    docstring). Its own file is `<folder>/<pid>.json`, replaced atomically."""
+
+    def __init__(self, folder: str | os.PathLike, every: float = 1.0):
+        super().__init__()
+        self.folder = Path(folder)
+        self.path = self.folder / f"{os.getpid()}.json"
+        self._written = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every,), name="facebce-metrics", daemon=True)
+        self._thread.start()
+
+    def _loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.write()
+
+    def write(self) -> None:
+        """Write this worker's counts (when they changed since the last write)."""
+        text = json.dumps(self.state(), sort_keys=True)
+        if text == self._written:
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._written = text
+
+    def render(self, gallery_entries: int | None, gallery_identities: int | None) -> str:
+        self.write()
+        total = Metrics()
+        for path in sorted(self.folder.glob("*.json")):
+            try:
+                total.add(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a file being replaced, or not ours: the next scrape reads it
+        return total.render(gallery_entries, gallery_identities)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.write()
+
+
+def worker_metrics(folder: str | None) -> Metrics:
+    """The metrics of one server process: shared through `folder` when the server runs several."""
+    return SharedMetrics(folder) if folder else Metrics()

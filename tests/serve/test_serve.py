@@ -298,6 +298,34 @@ def test_16_concurrent_clients_enrol_and_identify(server, enrolled):
 KILL_SEEDS = [11, 22, 33, 44, 55, 66, 77, 88][:int(os.environ.get("FACEBCE_KILL_ROUNDS", "2"))]
 
 
+def test_metrics_add_up_every_worker_process(tmp_path):
+    """--workers 2: requests over fresh connections land on either process, and every scrape of
+    GET /metrics (answered by either) reports all of them, not its own process's share."""
+    need_shared()
+    srv = Server(tmp_path / "gallery.faiss", tmp_path / "server.log", "--workers", "2",
+                 "--inference-sessions", "1").start()
+    try:
+        crop = image(people(1)[0], 0).read_bytes()
+        n = 24
+        for _ in range(n):
+            with httpx.Client(base_url=srv.url, timeout=60) as c:  # a new connection: either worker may take it
+                r = c.post("/v1/identify", files={"files": ("a.jpg", crop, "image/jpeg")})
+                assert r.status_code == 200, r.text
+
+        def identify_count() -> float:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                text = c.get("/metrics").text
+            return sum(float(line.split()[-1]) for line in text.splitlines()
+                       if line.startswith('facebce_requests_total{route="/v1/identify"'))
+        seen, deadline = [], time.monotonic() + 30
+        while time.monotonic() < deadline and seen[-6:] != [n] * 6:  # the other worker writes within ~1 s
+            seen.append(identify_count())
+            time.sleep(0.3)
+        assert seen[-6:] == [n] * 6, seen
+    finally:
+        srv.stop()
+
+
 def test_kill9_mid_enrolment_keeps_every_acknowledged_face(tmp_path):
     """kill -9 of the server in the middle of a burst of enrolments from 4 clients, restart, and every
     enrolment that got a 201 is there (same id, same identity). Seeded schedule: each round kills after
