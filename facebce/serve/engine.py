@@ -202,7 +202,12 @@ class Engine:
         def session(threads: int | None) -> OnnxEmbedder:  # flip and normalisation happen in `embed`
             return OnnxEmbedder(spec.path, preprocess=pre, batch_size=config.max_batch, flip=False,
                                 normalize=False, progress=False, intra_op_threads=threads)
-        self.embedders = choose_sessions(session, config.inference_sessions, config.intra_op_threads, log)
+        cores = None  # with --workers N each process gets its share of the cores for its sessions
+        if config.workers > 1:
+            from facebce.models.embedder import available_cores
+            cores = max(1, available_cores() // config.workers)
+        threads = config.intra_op_threads if config.intra_op_threads is not None else cores
+        self.embedders = choose_sessions(session, config.inference_sessions, threads, log, cores=cores)
         self.embedder = self.embedders[0]
         self.size = self.embedder.input_size
         self.dim = self.embedder.embedding_size
@@ -339,20 +344,23 @@ class Engine:
 
 
 def choose_sessions(make: Callable, sessions: int | None, intra_op_threads: int | None, log=print,
-                    seconds: float = 0.6) -> list:
+                    seconds: float = 0.6, cores: int | None = None) -> list:
     """The inference sessions the engine embeds with: `sessions` of them when given (each with
     `intra_op_threads`, default: one thread each when there are several, else onnxruntime's
     default); otherwise both candidates — one session on every core, one single-threaded session
     per core — embed blank crops for `seconds` each, alternately (twice) so both see the same machine, and
-    the one with more images per second is kept. The choice and the rates are logged in one line."""
+    the one with more images per second is kept. The choice and the rates are logged in one line.
+    `cores`: the cores these sessions may use (default: all this process may run on; a server with
+    several worker processes gives each its share)."""
     if sessions is not None:
         threads = intra_op_threads if intra_op_threads is not None else (1 if sessions > 1 else None)
         return [make(threads) for _ in range(sessions)]
     from facebce.models.embedder import available_cores
 
-    cores = available_cores()
+    cores = cores or available_cores()
     one = make(intra_op_threads)
     if cores < 2:
+        log(f"inference: 1 session on this process's {cores} core")
         return [one]
     many = [make(1) for _ in range(cores)]
     crop = np.zeros((1, *one.input_size, 3), np.uint8)

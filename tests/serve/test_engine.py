@@ -98,3 +98,7 @@ def test_choose_sessions_fixed_or_measured(tmp_path, monkeypatch):
     assert len(lines) == 1 and "img/s with 2 single-threaded sessions vs" in lines[0]
     crop = np.zeros((2, 112, 112, 3), np.uint8)
     assert all(np.allclose(e.embed(crop), chosen[0].embed(crop), atol=1e-5) for e in chosen)
+    made.clear()
+    lines.clear()  # one core's share (a server with as many worker processes as cores): one session, no timing
+    assert len(choose_sessions(make, None, 1, lines.append, cores=1)) == 1 and made == [1]
+    assert lines == ["inference: 1 session on this process's 1 core"]
