@@ -127,23 +127,28 @@ class SharedMetrics(Metrics):
         self.folder = Path(folder)
         self.path = self.folder / f"{os.getpid()}.json"
         self._written = None
+        self._write_lock = threading.Lock()  # the timer thread and a scrape may write at once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(every,), name="facebce-metrics", daemon=True)
         self._thread.start()
 
     def _loop(self, every: float) -> None:
         while not self._stop.wait(every):
-            self.write()
+            try:
+                self.write()
+            except OSError:
+                pass  # a full disk: the next tick, or the next scrape, tries again
 
     def write(self) -> None:
         """Write this worker's counts (when they changed since the last write)."""
-        text = json.dumps(self.state(), sort_keys=True)
-        if text == self._written:
-            return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.path)
-        self._written = text
+        with self._write_lock:
+            text = json.dumps(self.state(), sort_keys=True)
+            if text == self._written:
+                return
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, self.path)
+            self._written = text
 
     def render(self, gallery_entries: int | None, gallery_identities: int | None) -> str:
         self.write()
