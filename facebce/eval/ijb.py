@@ -446,20 +446,20 @@ def _gram_gather(left: np.ndarray, right: np.ndarray, i: np.ndarray, j: np.ndarr
         block = max(1, min(len(left), int(max_bytes) // max(1, n_right * dtype.itemsize)))
     group = i // block
     n_groups = int(group.max(initial=0)) + 1
-    if n_groups > 1:
-        order = np.argsort(group.astype(np.uint16 if n_groups <= 1 << 16 else np.int64), kind="stable")
-        bounds = np.searchsorted(group[order], np.arange(n_groups + 1))
+    order = np.argsort(group.astype(np.uint16 if n_groups <= 1 << 16 else np.int64), kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(n_groups + 1))
     scores = np.empty(len(i), dtype)
     buffer = np.empty(min(block, len(left)) * n_right, dtype)  # one buffer for every block: no fresh pages
     for g in tqdm(range(n_groups), desc="pair scores", unit="block", disable=not progress):
-        sel = order[bounds[g]:bounds[g + 1]] if n_groups > 1 else slice(None)
-        if n_groups > 1 and sel.size == 0:
+        sel = order[bounds[g]:bounds[g + 1]]
+        if sel.size == 0:
             continue
         first = g * block
         start = first if triangle else 0
+        rows = left[first:first + block]
         width = n_right - start
-        sims = buffer[:len(left[first:first + block]) * width].reshape(-1, width)
-        np.matmul(left[first:first + block], right[start:].T, out=sims)
+        sims = buffer[:len(rows) * width].reshape(len(rows), width)
+        np.matmul(rows, right[start:].T, out=sims)
         scores[sel] = sims.ravel()[(i[sel] - first) * width + (j[sel] - start)]
     return scores
 
@@ -473,11 +473,9 @@ def _template_index(template_ids: np.ndarray, query: np.ndarray) -> np.ndarray:
         inside = (query >= 0) & (query < table.size)
         at = np.where(inside, table[np.where(inside, query, 0)], -1)
         bad = at < 0
-        if bad.any():
-            raise DataFormatError(f"template {query[bad][0]} has no features ({np.unique(query[bad]).size} unknown)")
-        return at
-    at = np.minimum(np.searchsorted(template_ids, query), template_ids.size - 1)
-    bad = template_ids[at] != query
+    else:
+        at = np.minimum(np.searchsorted(template_ids, query), template_ids.size - 1)
+        bad = template_ids[at] != query
     if bad.any():
         raise DataFormatError(f"template {query[bad][0]} has no features ({np.unique(query[bad]).size} unknown)")
     return at
