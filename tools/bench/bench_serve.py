@@ -182,11 +182,29 @@ def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say,
     seconds = 20.0 if quick else 60.0
     enrol, names, probes = load_images(n_gallery, n_probes)
     pre = Preprocess(color="rgb", mean=tuple(map(float, MEAN.split(","))), std=tuple(map(float, STD.split(","))))
+    crops = [read_bgr(p) for p in enrol]
+
+    def galleries(embedder, path: Path):
+        """The bare loop's in-memory Gallery and, at `path`, the service's store, of the same embeddings."""
+        emb = embedder.embed(crops)
+        gallery = Gallery(emb.shape[1], threshold=THRESHOLD)
+        gallery.add(emb, names)
+        store = open_gallery(path, dim=emb.shape[1], create=True, threshold=THRESHOLD)
+        store.add(emb, names)
+        store.close()
+        return gallery
+
+    def identify_level(label: str, embedder, gallery, url: str, clients: int) -> dict:
+        bare = bare_rate(embedder, gallery, probes, seconds=seconds / 3)  # beside each level: same noise
+        r = _arun(load(url, probes, clients, per_level[clients], seconds))
+        r["bare_rps"], r["ratio"] = bare, r["rps"] / bare
+        log(f"  identify, {label}: {r['rps']:.1f} req/s (bare {bare:.1f} img/s, {r['ratio']:.2f}x), "
+            f"p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, "
+            f"{r['errors']} errors in {r['requests']}")
+        return r
+
     embedder = OnnxEmbedder(MODEL, preprocess=pre, flip=True, normalize=True, progress=False)
-    emb = embedder.embed([read_bgr(p) for p in enrol])
-    gallery = Gallery(emb.shape[1], threshold=THRESHOLD)
-    gallery.add(emb, names)
-    result = {"gallery": len(gallery), "probes": len(probes), "cpu_count": os.cpu_count(),
+    result = {"gallery": len(enrol), "probes": len(probes), "cpu_count": os.cpu_count(),
               "load_average": os.getloadavg()[0]}
     aligner = None
     raw = []
@@ -195,20 +213,11 @@ def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say,
         aligner = FaceAligner(ScrfdDetector(DETECTOR), size=112, policy="central")
         raw = [framed(p) for p in probes[: (24 if quick else 120)]]
     with tempfile.TemporaryDirectory() as tmp:
-        store = open_gallery(Path(tmp) / "gallery.faiss", dim=emb.shape[1], create=True, threshold=THRESHOLD)
-        store.add(emb, names)
-        store.close()
+        gallery = galleries(embedder, Path(tmp) / "gallery.faiss")
         proc, url = start_server(Path(tmp) / "gallery.faiss", Path(tmp) / "server.log", detector)
         try:
-            result["levels"] = []
-            for clients in levels:
-                bare = bare_rate(embedder, gallery, probes, seconds=seconds / 3)  # beside each level: same noise
-                r = _arun(load(url, probes, clients, per_level[clients], seconds))
-                r["bare_rps"], r["ratio"] = bare, r["rps"] / bare
-                result["levels"].append(r)
-                log(f"  identify, {clients:2d} clients: {r['rps']:.1f} req/s (bare {bare:.1f} img/s, "
-                    f"{r['ratio']:.2f}x), p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, "
-                    f"{r['errors']} errors in {r['requests']}")
+            result["levels"] = [identify_level(f"{clients:2d} clients", embedder, gallery, url, clients)
+                                for clients in levels]
             if detector:
                 bare = bare_rate(embedder, gallery, raw, aligner=aligner, seconds=seconds / 3)
                 r = _arun(load(url, raw, 4, 40 if quick else 160, seconds))
@@ -224,21 +233,10 @@ def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say,
             _stop(proc)
         if no_flip:  # the same at 16 clients without the mirrored view: half the model's work per face
             plain = OnnxEmbedder(MODEL, preprocess=pre, flip=False, normalize=True, progress=False)
-            emb1 = plain.embed([read_bgr(p) for p in enrol])
-            g1 = Gallery(emb1.shape[1], threshold=THRESHOLD)
-            g1.add(emb1, names)
-            store = open_gallery(Path(tmp) / "noflip.faiss", dim=emb1.shape[1], create=True, threshold=THRESHOLD)
-            store.add(emb1, names)
-            store.close()
+            g1 = galleries(plain, Path(tmp) / "noflip.faiss")
             proc, url = start_server(Path(tmp) / "noflip.faiss", Path(tmp) / "server.log", False, flip=False)
             try:
-                bare = bare_rate(plain, g1, probes, seconds=seconds / 3)
-                r = _arun(load(url, probes, 16, per_level[16], seconds))
-                r["bare_rps"], r["ratio"] = bare, r["rps"] / bare
-                result["no_flip"] = r
-                log(f"  identify, 16 clients, --no-flip: {r['rps']:.1f} req/s (bare {bare:.1f} img/s, "
-                    f"{r['ratio']:.2f}x), p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, "
-                    f"{r['errors']} errors in {r['requests']}")
+                result["no_flip"] = identify_level("16 clients, --no-flip", plain, g1, url, 16)
             finally:
                 _stop(proc)
     return result
