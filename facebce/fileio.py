@@ -272,7 +272,8 @@ def torch_load_weights_only(path: str | os.PathLike, *, what: str = "checkpoint"
                                   "(refused; nothing was executed)") from None
         raise DataFormatError(f"{path}: not a weights-only {what}: damaged, or not a torch file "
                               "(torch's weights-only loader refused it)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
+            IndexError, TypeError) as e:  # damaged bytes: the unpickler's stack can run out (IndexError)
         first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         reason = first.split(". ")[0][:160]
         raise DataFormatError(f"{path}: {what} is truncated or not a torch file ({reason})") from None
