@@ -16,7 +16,11 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import queue
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -42,6 +46,8 @@ META_LEARNED_THRESHOLD = "learned_threshold"  # a head's b/γ: embedding vs CLAS
 _INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 _PROGRESS_MIN_IMAGES = 1000  # below this a progress bar is noise
 _SNIFF_NODES = 8  # insightface's ArcFaceONNX looks at the first 8 graph nodes only
+_AUTO_MIN_CALLS = 64  # a job of this many model calls measures whether one session per core pays
+_STRETCH_SECONDS = 1.0  # each layout runs two stretches this long while sessions="auto" measures
 
 
 def _channel_values(value, name: str) -> float | tuple[float, float, float]:
@@ -199,6 +205,10 @@ class _Embedder:
     def _running(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
 
+    def _run_all(self, blobs: Iterator[np.ndarray], calls: int) -> Iterator[np.ndarray]:
+        """The raw outputs of `calls` blobs, in order. Subclasses may run several at once."""
+        return map(self._run, blobs)
+
     def embed(self, images) -> np.ndarray:
         """Embed aligned crops: uint8 N x H x W x 3 **BGR** (OpenCV order), or a list of H x W x 3.
 
@@ -208,16 +218,25 @@ class _Embedder:
         batch = _as_batch(images, self.input_size, self.name)
         n, step = len(batch), self._step()
         show = self.progress if self.progress is not None else n >= _PROGRESS_MIN_IMAGES
+        views = 2 if self.flip else 1
+
+        def blobs() -> Iterator[np.ndarray]:  # chunk by chunk, each view in turn: made as they are run
+            for start in range(0, n, step):
+                chunk = batch[start:start + step]
+                yield self.preprocess.to_blob(chunk)
+                if self.flip:
+                    yield self.preprocess.to_blob(chunk[:, :, ::-1])
+
         chunks = []
         with self._running(), tqdm(total=n, desc=f"embed {os.path.basename(self.name)}", unit="img",
                                    disable=not show) as bar:
+            outputs = self._run_all(blobs(), views * math.ceil(n / step))
             for start in range(0, n, step):
-                chunk = batch[start:start + step]
-                emb = self._run(self.preprocess.to_blob(chunk))
+                emb = next(outputs)
                 if self.flip:
-                    emb = emb + self._run(self.preprocess.to_blob(chunk[:, :, ::-1]))
+                    emb = emb + next(outputs)
                 chunks.append(np.asarray(emb, np.float32))
-                bar.update(len(chunk))
+                bar.update(min(step, n - start))
         if not chunks:
             return np.empty((0, self.embedding_size or 0), np.float32)
         return self._checked(np.concatenate(chunks))
@@ -279,21 +298,37 @@ class OnnxEmbedder(_Embedder):
     (`fixed_batch`). The probe also turns a graph that fails at run time, or an output that is not
     one [batch, D] float vector per image, into one ModelError line naming the file. The input may
     be float32, float16 or float64 (blobs are cast); other input types are refused. `intra_op_threads` caps
-    onnxruntime's CPU threads (None: its default, one per core, which loses to fewer threads on a
-    CPU that other processes keep busy).
+    onnxruntime's CPU threads (None: one per core this process may run on).
+
+    `sessions`: how the model calls of one `embed` run. An int N > 1 runs them N at a time on N
+    sessions of `intra_op_threads` (default 1) threads each; 1 keeps one session. "auto" (the default)
+    measures on CPUs with several cores, once per embedder, on the first calls of a job of at least
+    64 calls: alternately (twice) 1 s of calls on the one session with a thread per core and 1 s
+    on one single-threaded session per core, on the job's own images. The faster runs the rest of
+    that job and later ones (`layout` says which, `layout_rates` the calls per second measured). A
+    small batch-1 model such as MobileFaceNet keeps two cores busier as two single-threaded sessions
+    than as one session with two threads; a large batch may go the other way, and which wins
+    depends on the CPU. Every layout runs the same
+    graph on the same rows, so
+    each row's embedding does not depend on the choice (tested to 1e-6).
     """
 
     def __init__(self, path: str | os.PathLike, preprocess: Preprocess | None = None,
                  providers: Sequence[str] | None = None, batch_size: int = 64, flip: bool = False,
-                 normalize: bool = True, progress: bool | None = None, intra_op_threads: int | None = None):
+                 normalize: bool = True, progress: bool | None = None, intra_op_threads: int | None = None,
+                 sessions: int | str = "auto"):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ModelError(f"{path}: no such ONNX file")
-        options = ort_session_options(intra_op_threads)
-        try:
-            self._session = ort.InferenceSession(path, options, providers=list(providers or default_providers()))
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise ModelError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+        if sessions != "auto" and (isinstance(sessions, bool) or not isinstance(sessions, numbers.Integral)
+                                   or sessions < 1):
+            raise ModelError(f"sessions={sessions!r}: expected a positive int or 'auto'")
+        self._threads, self._sessions = intra_op_threads, sessions
+        self._provider_list = list(providers or default_providers())
+        self._session = self._new_session(path, intra_op_threads)
+        self._pool: list | None = None  # the parallel sessions, made when first needed
+        self.layout: str | None = None  # how calls ran: "1 session x T threads" / "N sessions x T threads"
+        self.layout_rates: dict[str, float] = {}  # calls/s of each layout when "auto" measured them
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise ModelError(f"{path}: {len(inputs)} inputs and {len(outputs)} outputs, expected 1 and 1")
@@ -318,9 +353,102 @@ class OnnxEmbedder(_Embedder):
             raise ModelError(f"{path}: preprocess input_size={preprocess.input_size} but the model takes {side}x{side}")
         super().__init__(path, replace(preprocess, input_size=(side, side)), batch_size, flip, normalize, progress)
 
+    def _new_session(self, path: str, threads: int | None) -> "ort.InferenceSession":
+        try:
+            return ort.InferenceSession(path, ort_session_options(threads), providers=self._provider_list)
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+
     @property
     def providers(self) -> list[str]:
         return self._session.get_providers()
+
+    # ---- how a job's model calls run: one session, or one per core at once -------------------------
+    def _parallel_sessions(self) -> list:
+        """The sessions that run calls side by side (made once, each warmed by one blank run)."""
+        if self._pool is None:
+            count = self._sessions if self._sessions != "auto" else available_cores()
+            threads = self._threads if self._sessions != "auto" and self._threads is not None else 1
+            pool = [self._new_session(self.name, threads) for _ in range(count)]
+            rows = self.fixed_batch or 1
+            for session in pool:
+                self._raw_run(np.zeros((rows, 3, *self.input_size), np.float32), rows, session)
+            self._pool = pool
+        return self._pool
+
+    def _describe(self, many: bool) -> str:
+        if not many:
+            threads = self._threads or available_cores()
+            return f"1 session x {threads} thread{'s' if threads != 1 else ''}"
+        pool = self._parallel_sessions()
+        threads = self._threads if self._sessions != "auto" and self._threads is not None else 1
+        return f"{len(pool)} sessions x {threads} thread{'s' if threads != 1 else ''}"
+
+    def _run_all(self, blobs: Iterator[np.ndarray], calls: int) -> Iterator[np.ndarray]:
+        if self._sessions == 1:
+            many = False
+        elif self._sessions != "auto":
+            many = True
+        elif self.layout is not None:  # measured on an earlier job
+            many = self.layout != self._describe(False)
+        elif (calls < _AUTO_MIN_CALLS or available_cores() < 2 or self._threads is not None
+              or self.providers != ["CPUExecutionProvider"]):
+            many = False  # too short to measure, one core, threads given, or not the CPU: one session
+        else:
+            return self._measure_then_run(blobs)
+        self.layout = self._describe(many)
+        return self._run_parallel(blobs) if many else map(self._run, blobs)
+
+    def _measure_then_run(self, blobs: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """sessions="auto": run the job's first calls alternately (twice) on each layout for
+        `_STRETCH_SECONDS`, counting calls per second, then the rest on the faster."""
+        done = {False: [0, 0.0], True: [0, 0.0]}  # layout -> [calls, seconds]
+        self._parallel_sessions()  # made and warmed outside the timing
+        for _ in range(2):
+            for many in (False, True):
+                deadline = time.perf_counter() + _STRETCH_SECONDS
+
+                def stretch() -> Iterator[np.ndarray]:
+                    for blob in blobs:
+                        done[many][0] += 1
+                        yield blob
+                        if time.perf_counter() >= deadline:
+                            return
+                start = time.perf_counter()
+                outputs = list(self._run_parallel(stretch()) if many else map(self._run, stretch()))
+                done[many][1] += time.perf_counter() - start
+                yield from outputs
+        if done[False][0] and done[True][0]:  # else the job ended while measuring: decide on a later one
+            self.layout_rates = {self._describe(many): calls / seconds for many, (calls, seconds) in done.items()}
+            faster = done[True][0] / done[True][1] > done[False][0] / done[False][1]
+            self.layout = self._describe(faster)
+            yield from (self._run_parallel(blobs) if faster else map(self._run, blobs))
+
+    def _run_parallel(self, blobs: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Each blob on whichever parallel session is free, at most two per session queued; in order."""
+        pool = self._parallel_sessions()
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for session in pool:
+            free.put(session)
+
+        def run(blob: np.ndarray) -> np.ndarray:
+            session = free.get()
+            try:
+                return self._run(blob, session)
+            finally:
+                free.put(session)
+
+        executor = ThreadPoolExecutor(len(pool), thread_name_prefix="facebce-embed")
+        pending: deque = deque()
+        try:
+            for blob in blobs:
+                pending.append(executor.submit(run, blob))
+                if len(pending) >= 2 * len(pool):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # an error (or the caller stopping) waits only for the calls already running
+            executor.shutdown(wait=True, cancel_futures=True)
 
     @property
     def threshold(self) -> float | None:
@@ -354,10 +482,11 @@ class OnnxEmbedder(_Embedder):
         self._raw_run(np.zeros((batch, 3, side, side), np.float32), batch)
         return batch
 
-    def _raw_run(self, blob: np.ndarray, rows: int) -> np.ndarray:
+    def _raw_run(self, blob: np.ndarray, rows: int, session=None) -> np.ndarray:
         """One session run; any failure or an output other than `rows` x D floats is a ModelError."""
+        session = session or self._session
         try:
-            out = self._session.run([self._output], {self._input: blob.astype(self._input_dtype, copy=False)})[0]
+            out = session.run([self._output], {self._input: blob.astype(self._input_dtype, copy=False)})[0]
         except Exception as e:  # onnxruntime raises its own Fail/RuntimeException/... types
             first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
             raise ModelError(f"{self.name}: onnxruntime failed running it on a batch of {len(blob)} "
@@ -373,11 +502,11 @@ class OnnxEmbedder(_Embedder):
                              f"declares {self.embedding_size}")
         return out
 
-    def _run(self, blob: np.ndarray) -> np.ndarray:
+    def _run(self, blob: np.ndarray, session=None) -> np.ndarray:
         n = len(blob)
         if self.fixed_batch and n < self.fixed_batch:
             blob = np.concatenate([blob, np.zeros((self.fixed_batch - n, *blob.shape[1:]), blob.dtype)])
-        return self._raw_run(blob, len(blob))[:n].astype(np.float32, copy=False)
+        return self._raw_run(blob, len(blob), session)[:n].astype(np.float32, copy=False)
 
 
 def _nchw_square(path: str, shape: list) -> tuple[int | None, int]:

@@ -201,7 +201,7 @@ class Engine:
 
         def session(threads: int | None) -> OnnxEmbedder:  # flip and normalisation happen in `embed`
             return OnnxEmbedder(spec.path, preprocess=pre, batch_size=config.max_batch, flip=False,
-                                normalize=False, progress=False, intra_op_threads=threads)
+                                normalize=False, progress=False, intra_op_threads=threads, sessions=1)
         cores = None  # with --workers N each process gets its share of the cores for its sessions
         if config.workers > 1:
             from facebce.models.embedder import available_cores

@@ -322,7 +322,7 @@ def test_open_set_on_lfw_gallery(shared_data):
     enrolled, strangers = [p.name for p in people[:100]], [p.name for p in people[100:]]
     assert len(strangers) == 58
     paths = [f for n in enrolled + strangers for f in files[n]]
-    emb = OnnxEmbedder(shared_data / "models" / "mobilefacenet.onnx", IMAGENET, intra_op_threads=1)
+    emb = OnnxEmbedder(shared_data / "models" / "mobilefacenet.onnx", IMAGENET)
     feats = dict(zip(paths, emb.embed([cv2.imread(str(p)) for p in paths])))
 
     g = Gallery(emb.embedding_size, threshold=LFW_GLOBAL_THRESHOLD)

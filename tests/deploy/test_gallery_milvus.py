@@ -34,7 +34,7 @@ def _lfw(shared_data, enrolled: int, strangers: int):
 def test_milvus_lite_and_migrated_copies_decide_as_faiss_does(shared_data, tmp_path):
     import cv2
     gallery, probes, known = _lfw(shared_data, 40, 30)
-    emb = OnnxEmbedder(shared_data / "models" / "mobilefacenet.onnx", IMAGENET, intra_op_threads=1)
+    emb = OnnxEmbedder(shared_data / "models" / "mobilefacenet.onnx", IMAGENET)
     g_x = emb.embed([cv2.imread(str(f)) for _, f in gallery])
     p_x = emb.embed([cv2.imread(str(f)) for _, f in probes])
     names, sources = [n for n, _ in gallery], [f.name for _, f in gallery]

@@ -156,6 +156,64 @@ def test_missing_file(tmp_path):
         OnnxEmbedder(tmp_path / "absent.onnx")
 
 
+# ---- session layouts: one session, or one per core at once ------------------------------------------
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_parallel_sessions_give_every_row_its_own_embedding_in_order(tmp_path, batch):
+    path = _channel_mean_model(tmp_path / "m.onnx", batch=batch)
+    images = _crops(23, seed=3)  # distinct rows: a row out of order or summed with the wrong mirror shows
+    one = OnnxEmbedder(path, batch_size=4, flip=True, sessions=1)
+    three = OnnxEmbedder(path, batch_size=4, flip=True, sessions=3)
+    np.testing.assert_allclose(three.embed(images), one.embed(images), atol=1e-6)
+    assert one.layout.startswith("1 session x ") and three.layout == "3 sessions x 1 thread"
+    assert three.embed(images[:1]).shape == (1, 3) and three.embed([]).shape == (0, 3)
+
+
+def test_auto_measures_both_layouts_on_a_long_job_and_keeps_the_faster(tmp_path, monkeypatch):
+    import facebce.models.embedder as embedder
+
+    monkeypatch.setattr(embedder, "available_cores", lambda: 2)
+    monkeypatch.setattr(embedder, "_STRETCH_SECONDS", 0.02)
+    path = _channel_mean_model(tmp_path / "m.onnx", batch=1)
+    images = _crops(200, seed=4)
+    auto = OnnxEmbedder(path, flip=True, progress=False)
+    short = auto.embed(images[:31])  # 62 calls: below the 64 worth measuring, so one session
+    assert auto.layout == "1 session x 2 threads" and auto.layout_rates == {}
+    auto.layout = None
+    got = auto.embed(images)  # 400 calls: two timed stretches of each layout, then the faster
+    assert set(auto.layout_rates) == {"1 session x 2 threads", "2 sessions x 1 thread"}
+    assert all(rate > 0 for rate in auto.layout_rates.values())
+    assert auto.layout == max(auto.layout_rates, key=auto.layout_rates.get)
+    expected = OnnxEmbedder(path, flip=True, sessions=1).embed(images)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(short, expected[:31], atol=1e-6)
+    rates = dict(auto.layout_rates)
+    auto.embed(images)  # a later job keeps the choice without measuring again
+    assert auto.layout_rates == rates
+
+
+@pytest.mark.parametrize("sessions", [0, -1, 1.5, True, "two"])
+def test_bad_sessions_are_one_line(tmp_path, sessions):
+    with pytest.raises(ModelError, match=r"sessions=.*expected a positive int or 'auto'"):
+        OnnxEmbedder(_channel_mean_model(tmp_path / "m.onnx"), sessions=sessions)
+
+
+def test_a_call_failing_on_a_parallel_session_stops_the_job_with_its_error(tmp_path, monkeypatch):
+    path = _channel_mean_model(tmp_path / "m.onnx", batch=1)
+    emb = OnnxEmbedder(path, sessions=2)
+    calls, real = [], OnnxEmbedder._raw_run
+
+    def fail_on_the_fifth(self, blob, rows, session=None):
+        calls.append(session)
+        if len(calls) == 5:
+            raise ModelError(f"{self.name}: onnxruntime failed running it on a batch of 1 (boom)")
+        return real(self, blob, rows, session)
+    monkeypatch.setattr(OnnxEmbedder, "_raw_run", fail_on_the_fifth)
+    with pytest.raises(ModelError, match=r"m\.onnx: onnxruntime failed .*\(boom\)"):
+        emb.embed(_crops(40))
+    assert len(calls) <= 5 + 2 * 2  # only the calls already queued ran after the failure
+    assert len(set(map(id, calls))) == 2  # both sessions took calls
+
+
 # ---- parity ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flip", [False, True])
 def test_onnx_matches_torch_on_an_exported_backbone(mbf, flip):
