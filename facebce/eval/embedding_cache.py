@@ -118,6 +118,21 @@ class EmbeddingSource:
             self._built[purpose] = self.model.build(flip=self.flip and crops, normalize=crops)
         return self._built[purpose]
 
+    def inference(self) -> str | None:
+        """How the embedders that ran used the CPU (an OnnxEmbedder's `layout` and, when it measured,
+        the calls per second of each layout), for the report; None when nothing was embedded."""
+        embedders = list(self._built.values()) if isinstance(self.model, ModelSpec) else [self.model]
+        parts = []
+        for e in embedders:
+            layout, rates = getattr(e, "layout", None), getattr(e, "layout_rates", None) or {}
+            if layout is None:
+                continue
+            if layout in rates:
+                others = ", ".join(f"{other} {rate:.1f}" for other, rate in rates.items() if other != layout)
+                layout += f" (measured {rates[layout]:.1f} model calls/s vs {others})"
+            parts.append(layout)
+        return "; ".join(dict.fromkeys(parts)) or None
+
     def _embed_distinct(self, embedder, images: ImageSet, name: str, *, mirror: bool | None = None) -> np.ndarray:
         """Embeddings of the distinct images; the runner mirrors only embedders that do not flip themselves."""
         if mirror is None:

@@ -81,6 +81,7 @@ def to_markdown(report: EvalReport) -> str:
     lines = [
         "# facebce evaluation", "",
         f"- model: {report.model}",
+        *([f"- inference: {report.inference}"] if report.inference else []),
         f"- global threshold: **{t.value:.4f}** from `{t.source}`{fitted}; accept a pair iff cosine > threshold",
         f"- TAR@FAR mode: {report.tar_mode}; flip: {'flip-sum' if report.flip else 'off'}",
         f"- facebce {report.facebce_version}, {report.created}", "",

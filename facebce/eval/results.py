@@ -55,6 +55,7 @@ class EvalReport:
     open_set: list[OpenSetSetResult] = field(default_factory=list)
     uniform: UniformSection | None = None
     bias: float | None = None
+    inference: str | None = None  # how the model ran (sessions x threads, measured rates); None when cached
     facebce_version: str = __version__
     created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"))

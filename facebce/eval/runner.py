@@ -105,7 +105,7 @@ def evaluate(model, protocols: Sequence[tuple[str, str | os.PathLike]], *, flip:
     else:
         section = uniform_section(*uniform, bias=bias) if uniform is not None else None
     report = EvalReport(model=source.label, flip=flip, tar_mode=tar_mode, threshold=global_t, sets=sets, ijb=ijb,
-                        open_set=open_set, bias=bias, uniform=section)
+                        open_set=open_set, bias=bias, uniform=section, inference=source.inference())
     if out_dir is not None:
         write_report(report, out_dir)
     return report

@@ -8,6 +8,10 @@ model expects (channel order, mean/std on 0..255 pixels, NCHW float32).
 An ONNX file's preprocessing comes from, in order: the `preprocess=` argument, facebce's metadata
 keys (written by `facebce.deploy.export_onnx`), else insightface model_zoo's node-name rule
 (docs/formats.md §7), so that any arcface_torch / insightface model runs as insightface runs it.
+
+It is over 450 lines because both runners share one path for batching, flip-sum, output checks
+and normalisation, and OnnxEmbedder's batch probe and session layouts (one session, or one per
+core, measured) act on the session it owns; split apart, each half would reach into the other.
 """
 from __future__ import annotations
 

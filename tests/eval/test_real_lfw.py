@@ -1,8 +1,8 @@
 """Real-data reproduction: mobilefacenet.onnx on the shared lfw.bin gives the published 10-fold accuracy.
 
 Preprocessing as the data README states: RGB, ImageNet per-channel mean/std on 0..255 pixels,
-flip-sum. ~7,700 distinct images x 2 views through a batch-1 ONNX model: 126 s measured on the shared
-2-core machine, over the 90 s budget of the default suite, hence `slow` (`make test-slow`).
+flip-sum. ~7,700 distinct images x 2 views through a batch-1 ONNX model: 126-196 s on the shared
+2-core machine, the slowest test of the default run, kept there on purpose (below).
 """
 from __future__ import annotations
 
@@ -35,3 +35,6 @@ def test_mobilefacenet_reproduces_lfw(shared_data, tmp_path):
     assert abs(100 * lfw.best.accuracy - README_BEST_GLOBAL) <= 0.05
     assert abs(lfw.best.threshold - 0.2921) < 0.005  # any t between the same two neighbouring scores
     assert (tmp_path / "report.json").is_file()
+    # 15,402 batch-1 calls: on several cores both session layouts were timed and the faster kept
+    from facebce.models.embedder import available_cores
+    assert ("measured" in report.inference) == (available_cores() > 1), report.inference

@@ -48,6 +48,14 @@ def test_writes_every_file(report, tmp_path):
         np.testing.assert_array_equal(z["set_a.scores"], report.set("set_a").scores)
 
 
+def test_inference_line_says_how_the_model_ran(report):
+    from dataclasses import replace
+
+    assert report.inference is None and "- inference:" not in to_markdown(report)  # a Python embedder
+    ran = replace(report, inference="2 sessions x 1 thread (measured 92.0 model calls/s vs 1 session x 2 threads 70.1)")
+    assert "\n- inference: 2 sessions x 1 thread (measured 92.0 model calls/s" in to_markdown(ran)
+
+
 def test_json_has_every_number_and_no_nan(report, tmp_path):
     write_report(report, tmp_path)
     text = (tmp_path / "report.json").read_text()

@@ -203,6 +203,8 @@ def test_onnx_spec_is_built_only_when_needed(data, tmp_path):
     spec = ModelSpec(model, mean=127.5, std=127.5)
     first = _run(data, spec, cache_dir=tmp_path / "cache")
     assert first.model.startswith("ok.onnx") and (tmp_path / "cache" / spec.key).is_dir()
+    assert first.inference.startswith("1 session x ")  # a short job: the one session, not measured
+    assert _run(data, spec, cache_dir=tmp_path / "cache").inference is None  # from the cache: nothing ran
     model.write_bytes(b"")  # the file changes: its digest, so the cache key, changes too
     with pytest.raises(ModelError, match="onnxruntime cannot load it"):
         _run(data, spec, cache_dir=tmp_path / "cache")
