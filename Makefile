@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.facebce-installed
 DEMO   ?= demo_out
 PYTEST_ARGS ?=
+# the default suite runs on 2 pytest-xdist workers, one test file each at a time (CI has 2 cores;
+# PYTEST_WORKERS=auto uses one per core, 0 runs everything in this process)
+PYTEST_WORKERS ?= 2
 BENCH_ARGS ?=
 
 .PHONY: install lint test test-slow demo bench clean
@@ -25,7 +28,7 @@ lint: install
 
 # pytest exits 5 when it collects nothing, so an empty run fails here instead of passing.
 test: lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow $(PYTEST_ARGS)
