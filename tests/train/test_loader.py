@@ -1,6 +1,7 @@
 """Data order and learning-rate schedule: pure functions, no training."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -154,6 +155,21 @@ def test_uint8_batches_normalised_on_the_device_equal_collating_samples(tmp_path
         len(samples), 6, seed=2), collate_fn=batch_collate))
     for (xs, ys), (xp, yp), (xf, yf) in zip(run(0), run(2), float_batches):
         assert torch.equal(xs, xp) and torch.equal(ys, yp) and torch.equal(normalise_batch(xp), xf)
+
+
+def test_uint8_copy_of_every_kind_of_view_is_exact():
+    """The batch copy takes OpenCV's path for views of a decoder's BGR buffer (mirrored or not) and
+    numpy's for anything else; every kind lands bit for bit."""
+    from facebce.train.loader import _uint8_batch
+
+    rng = np.random.default_rng(3)
+    bgr = rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    views = [bgr[0][:, :, ::-1], bgr[1][:, :, ::-1][:, ::-1], rgb[2], rgb[3][:, ::-1],
+             bgr[0][::2, ::2][:, :, ::-1].repeat(2, 0).repeat(2, 1), bgr[1][:, :, ::-1][::-1]]
+    for shared in (False, True):
+        batch = _uint8_batch(views, shared)
+        assert batch.dtype == torch.uint8 and np.array_equal(batch.numpy(), np.stack(views))
 
 
 def test_custom_transform_takes_the_per_sample_path(tmp_path):
