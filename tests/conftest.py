@@ -38,3 +38,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Files that take minutes of CPU, started first: `make test` runs a file per pytest-xdist worker
+# at a time, in collection order, so a long file taken last would run alone at the end.
+_LONG_FIRST = ("tests/eval/test_real_lfw.py", "tests/deploy/test_gallery.py", "tests/serve/test_serve.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
+    items.sort(key=rank)  # stable: every other test keeps its order

@@ -313,12 +313,12 @@ IMAGENET = Preprocess("rgb", mean=(123.675, 116.28, 103.53), std=(58.395, 57.12,
 
 # In the default run on purpose: the real-data reproduction is what the suite must guard.
 def test_open_set_on_lfw_gallery(shared_data):
-    """Enrol the first crop of 100 people, probe with their other crops (mated) and every crop of
-    the 58 other people (never enrolled), at LFW's global threshold."""
+    """Enrol the first crop of 100 people, probe with every other one of their other crops (mated)
+    and of the crops of the 58 other people (never enrolled), at LFW's global threshold."""
     import cv2
 
     people = sorted(p for p in (shared_data / "lfw_aligned_10plus").iterdir() if p.is_dir())
-    files = {p.name: sorted(p.glob("*.jpg")) for p in people}
+    files = {p.name: sorted(p.glob("*.jpg"))[:1] + sorted(p.glob("*.jpg"))[1::2] for p in people}
     enrolled, strangers = [p.name for p in people[:100]], [p.name for p in people[100:]]
     assert len(strangers) == 58
     paths = [f for n in enrolled + strangers for f in files[n]]

@@ -191,13 +191,16 @@ def test_the_two_rules_split_on_small_sets_only():
 def _lfw_subset_distances(shared_data, n: int):
     """mobilefacenet.onnx (ImageNet mean/std, RGB, no flip) on every (6000/n)th lfw.bin pair: n pairs with
     both classes in every fold (lfw.bin's own order puts 300 genuine pairs first)."""
+    import cv2
+
     from facebce.data.verification_bin import load_bin
     from facebce.eval.model_loading import IMAGENET_MEAN, IMAGENET_STD
     from facebce.models.embedder import OnnxEmbedder, Preprocess
 
     vs = load_bin(shared_data / "lfw.bin")
     pairs = np.arange(0, 6000, 6000 // n)
-    images = vs.decode(progress=False)[np.stack([2 * pairs, 2 * pairs + 1], 1).ravel()][..., ::-1].copy()
+    images = np.stack([cv2.imdecode(np.frombuffer(vs.images[i], np.uint8), cv2.IMREAD_COLOR)  # BGR, only these
+                       for i in np.stack([2 * pairs, 2 * pairs + 1], 1).ravel()])
     emb = OnnxEmbedder(shared_data / "models" / "mobilefacenet.onnx", Preprocess(mean=IMAGENET_MEAN, std=IMAGENET_STD),
                        intra_op_threads=1, progress=False).embed(images)
     return pair_distances(emb[0::2], emb[1::2]), np.asarray(vs.issame, dtype=bool)[pairs]
