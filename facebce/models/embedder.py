@@ -52,6 +52,7 @@ _PROGRESS_MIN_IMAGES = 1000  # below this a progress bar is noise
 _SNIFF_NODES = 8  # insightface's ArcFaceONNX looks at the first 8 graph nodes only
 _AUTO_MIN_CALLS = 64  # a job of this many model calls measures whether one session per core pays
 _STRETCH_SECONDS = 1.0  # each layout runs two stretches this long while sessions="auto" measures
+_POOL_BYTES = 2 << 30  # sessions="auto" runs at most this many bytes of model weights side by side
 
 
 def _channel_values(value, name: str) -> float | tuple[float, float, float]:
@@ -305,16 +306,17 @@ class OnnxEmbedder(_Embedder):
     onnxruntime's CPU threads (None: one per core this process may run on).
 
     `sessions`: how the model calls of one `embed` run. An int N > 1 runs them N at a time on N
-    sessions of `intra_op_threads` (default 1) threads each; 1 keeps one session. "auto" (the default)
-    measures on CPUs with several cores, once per embedder, on the first calls of a job of at least
-    64 calls: alternately (twice) 1 s of calls on the one session with a thread per core and 1 s
-    on one single-threaded session per core, on the job's own images. The faster runs the rest of
-    that job and later ones (`layout` says which, `layout_rates` the calls per second measured). A
-    small batch-1 model such as MobileFaceNet keeps two cores busier as two single-threaded sessions
-    than as one session with two threads; a large batch may go the other way, and which wins
-    depends on the CPU. Every layout runs the same
-    graph on the same rows, so
-    each row's embedding does not depend on the choice (tested to 1e-6).
+    sessions of `intra_op_threads` (default 1) threads each; 1 keeps one session. "auto" (the
+    default) measures, once per embedder, when the model has a fixed batch (e.g. MobileFaceNet's
+    1), the CPU several cores and a job at least 64 calls: alternately (twice) 1 s of calls on the
+    one session with a thread per core and 1 s on one single-threaded session per core (as many as
+    fit in 2 GiB of weights), on the job's own images. The faster runs the rest of that job and
+    later ones (`layout` says which, `layout_rates` the calls per second measured). A batch-1 model
+    keeps two cores busier as two single-threaded sessions than as one with two threads on some
+    CPUs, and not on others. A model that takes any batch keeps one session: its batch fills the
+    threads, and a session per core would hold a whole batch's activations each. Every layout runs
+    the same graph on the same rows, so each row's embedding does not depend on the choice (tested
+    to 1e-6).
     """
 
     def __init__(self, path: str | os.PathLike, preprocess: Preprocess | None = None,
@@ -371,7 +373,9 @@ class OnnxEmbedder(_Embedder):
     def _parallel_sessions(self) -> list:
         """The sessions that run calls side by side (made once, each warmed by one blank run)."""
         if self._pool is None:
-            count = self._sessions if self._sessions != "auto" else available_cores()
+            weights = max(os.path.getsize(self.name), 1)
+            count = self._sessions if self._sessions != "auto" else min(available_cores(),
+                                                                        max(2, _POOL_BYTES // weights))
             threads = self._threads if self._sessions != "auto" and self._threads is not None else 1
             pool = [self._new_session(self.name, threads) for _ in range(count)]
             rows = self.fixed_batch or 1
@@ -395,9 +399,9 @@ class OnnxEmbedder(_Embedder):
             many = True
         elif self.layout is not None:  # measured on an earlier job
             many = self.layout != self._describe(False)
-        elif (calls < _AUTO_MIN_CALLS or available_cores() < 2 or self._threads is not None
+        elif (calls < _AUTO_MIN_CALLS or available_cores() < 2 or self._threads is not None or not self.fixed_batch
               or self.providers != ["CPUExecutionProvider"]):
-            many = False  # too short to measure, one core, threads given, or not the CPU: one session
+            many = False  # short, one core, threads given, any batch or not the CPU: one session
         else:
             return self._measure_then_run(blobs)
         self.layout = self._describe(many)

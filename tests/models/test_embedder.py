@@ -189,6 +189,9 @@ def test_auto_measures_both_layouts_on_a_long_job_and_keeps_the_faster(tmp_path,
     rates = dict(auto.layout_rates)
     auto.embed(images)  # a later job keeps the choice without measuring again
     assert auto.layout_rates == rates
+    any_batch = OnnxEmbedder(_channel_mean_model(tmp_path / "n.onnx"), batch_size=1, flip=True)
+    any_batch.embed(images)  # 400 calls, but a model that takes any batch fills the cores from one session
+    assert any_batch.layout == "1 session x 2 threads" and any_batch.layout_rates == {}
 
 
 @pytest.mark.parametrize("sessions", [0, -1, 1.5, True, "two"])
