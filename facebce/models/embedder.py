@@ -333,6 +333,7 @@ class OnnxEmbedder(_Embedder):
         self._provider_list = list(providers or default_providers())
         self._session = self._new_session(path, intra_op_threads)
         self._pool: list | None = None  # the parallel sessions, made when first needed
+        self._many: bool | None = None  # whether calls run on the parallel sessions, once decided
         self.layout: str | None = None  # how calls ran: "1 session x T threads" / "N sessions x T threads"
         self.layout_rates: dict[str, float] = {}  # calls/s of each layout when "auto" measured them
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
@@ -376,34 +377,33 @@ class OnnxEmbedder(_Embedder):
             weights = max(os.path.getsize(self.name), 1)
             count = self._sessions if self._sessions != "auto" else min(available_cores(),
                                                                         max(2, _POOL_BYTES // weights))
-            threads = self._threads if self._sessions != "auto" and self._threads is not None else 1
-            pool = [self._new_session(self.name, threads) for _ in range(count)]
+            pool = [self._new_session(self.name, self._pool_threads) for _ in range(count)]
             rows = self.fixed_batch or 1
             for session in pool:
                 self._raw_run(np.zeros((rows, 3, *self.input_size), np.float32), rows, session)
             self._pool = pool
         return self._pool
 
+    @property
+    def _pool_threads(self) -> int:
+        """Threads per parallel session: `intra_op_threads` when given with sessions=N, else 1."""
+        return self._threads if self._sessions != "auto" and self._threads is not None else 1
+
     def _describe(self, many: bool) -> str:
-        if not many:
-            threads = self._threads or available_cores()
-            return f"1 session x {threads} thread{'s' if threads != 1 else ''}"
-        pool = self._parallel_sessions()
-        threads = self._threads if self._sessions != "auto" and self._threads is not None else 1
-        return f"{len(pool)} sessions x {threads} thread{'s' if threads != 1 else ''}"
+        count, threads = (len(self._parallel_sessions()), self._pool_threads) if many else \
+            (1, self._threads or available_cores())
+        return f"{count} session{'s' if count != 1 else ''} x {threads} thread{'s' if threads != 1 else ''}"
 
     def _run_all(self, blobs: Iterator[np.ndarray], calls: int) -> Iterator[np.ndarray]:
-        if self._sessions == 1:
-            many = False
-        elif self._sessions != "auto":
-            many = True
-        elif self.layout is not None:  # measured on an earlier job
-            many = self.layout != self._describe(False)
-        elif (calls < _AUTO_MIN_CALLS or available_cores() < 2 or self._threads is not None or not self.fixed_batch
-              or self.providers != ["CPUExecutionProvider"]):
-            many = False  # short, one core, threads given, any batch or not the CPU: one session
-        else:
-            return self._measure_then_run(blobs)
+        if self._sessions != "auto":
+            self._many = self._sessions != 1
+        elif self._many is None and calls >= _AUTO_MIN_CALLS:
+            if (available_cores() < 2 or self._threads is not None or not self.fixed_batch
+                    or self.providers != ["CPUExecutionProvider"]):
+                self._many = False  # one core, threads given, any batch or not the CPU: one session
+            else:
+                return self._measure_then_run(blobs)
+        many = bool(self._many)  # undecided (jobs too short to measure so far): one session
         self.layout = self._describe(many)
         return self._run_parallel(blobs) if many else map(self._run, blobs)
 
@@ -428,7 +428,7 @@ class OnnxEmbedder(_Embedder):
                 yield from outputs
         if done[False][0] and done[True][0]:  # else the job ended while measuring: decide on a later one
             self.layout_rates = {self._describe(many): calls / seconds for many, (calls, seconds) in done.items()}
-            faster = done[True][0] / done[True][1] > done[False][0] / done[False][1]
+            faster = self._many = done[True][0] / done[True][1] > done[False][0] / done[False][1]
             self.layout = self._describe(faster)
             yield from (self._run_parallel(blobs) if faster else map(self._run, blobs))
 
