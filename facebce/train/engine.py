@@ -52,8 +52,8 @@ from facebce.train import checkpoint as ckpt
 from facebce.train.callbacks import (Callback, Checkpointer, ClassificationVal, MetricsLogger, ModelFiles,
                                      ProgressBar, Verification, write_json_atomic)
 from facebce.train.config import TrainConfig, load_config, save_config
-from facebce.train.loader import (EpochBatchSampler, SeededSamples, batch_collate, batches_per_epoch, build_datasets,
-                                  normalise_batch, raise_worker_errors)
+from facebce.train.loader import (RING_SLOTS, EpochBatchSampler, SeededSamples, batch_collate, batches_per_epoch,
+                                  build_datasets, normalise_batch, raise_worker_errors)
 
 
 AUTOTUNE_STEPS = 3  # forward + backward passes per candidate (1 warm-up + 2 timed)
@@ -188,7 +188,8 @@ class Trainer:
         seed_everything(cfg.seed)
         self.dataset, self.val_dataset = build_datasets(cfg.data)
         self.num_classes = int(self.dataset.num_classes)
-        self.samples = SeededSamples(self.dataset, cfg.seed, uint8=True)  # normalised on the device: normalise_batch
+        # uint8 batches, normalised on the device (normalise_batch), in recycled worker buffers
+        self.samples = SeededSamples(self.dataset, cfg.seed, uint8=True, recycle=RING_SLOTS)
         b, w, accum = cfg.data.batch_size, self.world_size, cfg.optim.grad_accum
         self.micro_per_epoch = batches_per_epoch(len(self.dataset), b, w)
         if self.micro_per_epoch == 0:
@@ -444,7 +445,7 @@ class Trainer:
                             pin_memory=self.device.type == "cuda", generator=torch.Generator(),
                             persistent_workers=False)
         left = batches_per_epoch(n, d.batch_size, self.world_size, self.epoch_samples)  # in the sampler's epoch
-        for batch in raise_worker_errors(loader):
+        for batch in raise_worker_errors(loader, self.samples):
             if left == 0:  # the sampler has moved on to the next epoch
                 self.epoch, self.epoch_samples = self.epoch + 1, 0
                 left = batches_per_epoch(n, d.batch_size, self.world_size)

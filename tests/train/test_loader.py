@@ -157,10 +157,70 @@ def test_uint8_batches_normalised_on_the_device_equal_collating_samples(tmp_path
         assert torch.equal(xs, xp) and torch.equal(ys, yp) and torch.equal(normalise_batch(xp), xf)
 
 
+def _rec_samples(tmp_path, **kw):
+    from facebce.data import RecDataset
+    from facebce.data.tools import synthesize
+
+    synthesize(tmp_path / "s", identities=6, images=6, rec=True)
+    return SeededSamples(RecDataset(tmp_path / "s" / "rec", train=True), seed=4, uint8=True, **kw)
+
+
+def _loader(samples, epochs: int):
+    from torch.utils.data import DataLoader
+
+    from facebce.train.loader import batch_collate
+
+    sampler = EpochBatchSampler(len(samples), 4, seed=4)
+    keys = [k for k, _ in zip(sampler, range(epochs * len(samples) // 4))]
+    loader = DataLoader(samples, batch_sampler=keys, num_workers=2, collate_fn=batch_collate)
+    return loader, keys
+
+
+def test_recycled_worker_buffers_are_reused_and_every_batch_is_exact(tmp_path):
+    """recycle=4: through raise_worker_errors (which releases each batch when the next is asked
+    for) both workers cycle through their own 4 shared buffers, and every batch equals the one
+    the samples give in this process: a buffer is never refilled while its batch is in use."""
+    from facebce.train.loader import raise_worker_errors
+
+    samples = _rec_samples(tmp_path, recycle=4)
+    reference = SeededSamples(samples.ds, seed=4, uint8=True)
+    loader, keys = _loader(samples, epochs=3)  # 27 batches
+    seen = 0
+    for (x, y), k in zip(raise_worker_errors(loader, samples), keys):
+        want_x, want_y = reference.__getitems__(k)
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
+        seen += 1
+    assert seen == len(keys) == 27
+    # the same loader read by hand: which buffer each batch came in
+    samples.start_ring()
+    slots = []
+    for x, y, slot in loader:
+        slots.append(slot)
+        samples.release(slot)
+    assert None not in slots and {w for w, _ in slots} == {0, 1}
+    assert {s for _, s in slots} <= set(range(4)) and len(slots) == 27  # 27 batches in 8 buffers
+
+
+def test_batches_never_released_are_never_overwritten(tmp_path):
+    """A consumer that keeps every batch and releases none: each worker fills its 4 buffers, then
+    makes a fresh one per batch, so every kept batch still holds its own pixels."""
+    samples = _rec_samples(tmp_path, recycle=4)
+    reference = SeededSamples(samples.ds, seed=4, uint8=True)
+    loader, keys = _loader(samples, epochs=2)
+    samples.start_ring()
+    kept = list(loader)
+    assert [slot is None for _, _, slot in kept].count(False) == 8  # 4 buffers x 2 workers, then fresh
+    for (x, y, _), k in zip(kept, keys):
+        want_x, want_y = reference.__getitems__(k)
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
+    with pytest.raises(ValueError, match="recycle"):
+        SeededSamples(samples.ds, seed=4, recycle=-1)
+
+
 def test_uint8_copy_of_every_kind_of_view_is_exact():
     """The batch copy takes OpenCV's path for views of a decoder's BGR buffer (mirrored or not) and
     numpy's for anything else; every kind lands bit for bit."""
-    from facebce.train.loader import _uint8_batch
+    from facebce.train.loader import _copy_batch, _shared_uint8
 
     rng = np.random.default_rng(3)
     bgr = rng.integers(0, 256, (4, 112, 112, 3), dtype=np.uint8)
@@ -168,7 +228,8 @@ def test_uint8_copy_of_every_kind_of_view_is_exact():
     views = [bgr[0][:, :, ::-1], bgr[1][:, :, ::-1][:, ::-1], rgb[2], rgb[3][:, ::-1],
              bgr[0][::2, ::2][:, :, ::-1].repeat(2, 0).repeat(2, 1), bgr[1][:, :, ::-1][::-1]]
     for shared in (False, True):
-        batch = _uint8_batch(views, shared)
+        batch = _shared_uint8(len(views), (112, 112, 3)) if shared else torch.empty((6, 112, 112, 3), dtype=torch.uint8)
+        _copy_batch(views, batch)
         assert batch.dtype == torch.uint8 and np.array_equal(batch.numpy(), np.stack(views))
 
 

@@ -54,6 +54,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,7 +104,8 @@ def bench_data(args) -> list[Row]:
     from torch.utils.data import DataLoader
 
     from facebce.data.rec_dataset import RecDataset
-    from facebce.train.loader import EpochBatchSampler, SeededSamples, batch_collate, normalise_batch
+    from facebce.train.loader import (RING_SLOTS, EpochBatchSampler, SeededSamples, batch_collate, normalise_batch,
+                                      raise_worker_errors)
 
     rec = SHARED / "data" / "celeba299" / "rec"
     tmp = None
@@ -125,22 +127,39 @@ def bench_data(args) -> list[Row]:
             t = median_seconds(lambda: list(pool.map(decode, chunks)), args.repeats)
         return len(blobs) / t
 
-    def pipeline(workers: int) -> float:
-        samples = SeededSamples(ds, seed=0, uint8=True)  # as the trainer: uint8 batches, normalised at the step
-        per_epoch = len(ds) // args.batch
+    per_epoch = len(ds) // args.batch
 
-        def two_epochs():  # from the DataLoader's start (workers forked) through an epoch boundary
-            loader = DataLoader(samples, batch_sampler=EpochBatchSampler(len(ds), args.batch, seed=0),
-                                num_workers=workers, collate_fn=batch_collate,
-                                persistent_workers=False)  # exactly the trainer's DataLoader: one for the run
-            return sum(len(normalise_batch(x)) for x, _ in  # the normalisation counts (on a CPU trainer)
-                       itertools.islice(loader, 2 * per_epoch))
-        return 2 * per_epoch * args.batch / median_seconds(two_epochs, args.repeats)
+    def two_epochs(workers: int, recycle: int) -> float:
+        """Seconds from the DataLoader's start (workers forked) through an epoch boundary, exactly
+        as the trainer reads: uint8 batches in recycled worker buffers (recycle=0: a fresh shared
+        buffer per batch, as before), one DataLoader for the run, normalised at the step."""
+        samples = SeededSamples(ds, seed=0, uint8=True, recycle=recycle)
+        loader = DataLoader(samples, batch_sampler=EpochBatchSampler(len(ds), args.batch, seed=0),
+                            num_workers=workers, collate_fn=batch_collate, persistent_workers=False)
+        start = time.perf_counter()
+        batches = raise_worker_errors(loader, samples)  # hands each buffer back when the next is asked for
+        n = sum(len(normalise_batch(x)) for x, _ in itertools.islice(batches, 2 * per_epoch))
+        assert n == 2 * per_epoch * args.batch
+        return time.perf_counter() - start
 
     rows = []
     for workers, threads in ((0, 1), (2, 2)):
         limit = decode_limit(threads)
-        rate = pipeline(workers)
+        if workers == 0:
+            two_epochs(0, RING_SLOTS)  # warm-up
+            rate = 2 * per_epoch * args.batch / statistics.median(two_epochs(0, RING_SLOTS)
+                                                                  for _ in range(args.repeats))
+        else:  # recycled and fresh buffers alternately, each after a warm-up: the same machine for both
+            two_epochs(workers, RING_SLOTS), two_epochs(workers, 0)
+            times = {RING_SLOTS: [], 0: []}
+            for _ in range(max(args.repeats, 3)):
+                for recycle in times:
+                    times[recycle].append(two_epochs(workers, recycle))
+            rate, fresh = (2 * per_epoch * args.batch / statistics.median(times[k]) for k in (RING_SLOTS, 0))
+            rows.append(Row("data", f"trainer pipeline, {workers} workers: recycled vs fresh worker buffers", rate,
+                            fresh, "img/s", rate / fresh, None, "a fresh shared-memory batch per step",
+                            f"{RING_SLOTS} buffers per worker; alternating runs"))
+            say(f"  {workers} workers: recycled buffers {rate:.0f} img/s vs fresh {fresh:.0f} ({rate / fresh:.2f}x)")
         rows.append(Row("data", f"trainer pipeline, {workers} workers", rate, limit, "img/s", rate / limit, 0.9,
                         f"cv2.imdecode loop, {threads} thread{'s' if threads > 1 else ''}"))
         say(f"  {workers} workers: {rate:.0f} img/s vs decode limit {limit:.0f} ({rate / limit:.2f}x)")
