@@ -106,7 +106,7 @@ class ExportReport:
                          "not for comparing two faces)")
         if META_THRESHOLD in m:
             source = m.get(META_THRESHOLD_SOURCE, "user")
-            extra = (f", target FAR {m[META_THRESHOLD_TARGET_FAR]}, CI {m[META_THRESHOLD_CI]}"
+            extra = (f", target FAR {m[META_THRESHOLD_TARGET_FAR]}, 95 % interval {_interval(m[META_THRESHOLD_CI])}"
                      if source == "calibrated" else "")
             lines.append(f"  threshold {float(m[META_THRESHOLD]):.4f} (pair threshold, {source}{extra})")
         else:
@@ -470,3 +470,12 @@ def _variant_report(name: str, temp: Path, final: Path, reference: np.ndarray | 
         raise ModelError(f"{final}: {name} export fails parity with torch eager: min cosine {min_cos:.6f} "
                          f"< {MIN_COSINE[name]} over {len(images)} images (nothing written)")
     return VariantReport(str(final), size, min_cos, max_diff)
+
+
+def _interval(text: str) -> str:
+    """The recorded threshold interval (JSON [lo, hi], full precision) as "[lo, hi]" to 4 decimals."""
+    try:
+        lo, hi = (float(v) for v in json.loads(text))
+    except (ValueError, TypeError):
+        return text
+    return f"[{lo:.4f}, {hi:.4f}]"

@@ -234,7 +234,8 @@ def test_learned_and_pair_thresholds_are_kept_apart(tmp_path):
         "threshold": "0.43", "threshold_source": "calibrated", "threshold_target_far": "0.001",
         "threshold_ci": "[0.41, 0.46]", "threshold_calibration": "sha256:ab12",
         "learned_threshold": "0.12", "learned_threshold_kind": "class_centre"}
-    assert "threshold 0.4300 (pair threshold, calibrated, target FAR 0.001, CI [0.41, 0.46])" in report.summary()
+    assert ("threshold 0.4300 (pair threshold, calibrated, target FAR 0.001, 95 % interval [0.4100, 0.4600])"
+            in report.summary())
 
     assert threshold_option("0.43") == (0.43, None)
     assert pair_threshold_metadata(0.43) == {"threshold": "0.43", "threshold_source": "user"}
