@@ -9,7 +9,7 @@ depend on DataLoader workers or on where a run was resumed.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -216,17 +216,20 @@ class SeededSamples(Dataset):
                     return buf, (worker.id, s)
         return _shared_uint8(n, shape), None
 
-    def start_ring(self) -> None:
+    def start_ring(self) -> Callable[[Sequence[int] | None], None]:
         """Before a DataLoader's workers start (`raise_worker_errors` calls it): new shared flags,
-        every buffer free, for the workers about to be forked; buffers are made in them."""
+        every buffer free, for the workers about to be forked (buffers are made in them). Returns
+        the function that hands a batch's buffer back to its worker, given the batch's slot: it
+        writes to this ring's flags, so a later ring's buffers are never freed by it."""
         self._ring = {}
-        self._free = (torch.ones(_RING_WORKERS, self.recycle, dtype=torch.uint8).share_memory_()
-                      if self.recycle and self.uint8_batches else None)
+        free = self._free = (torch.ones(_RING_WORKERS, self.recycle, dtype=torch.uint8).share_memory_()
+                             if self.recycle and self.uint8_batches else None)
 
-    def release(self, slot: tuple[int, int] | None) -> None:
-        """Hand a batch's buffer back to its worker (the main process is done with it)."""
-        if slot is not None and self._free is not None:
-            self._free[slot] = 1
+        def release(slot: Sequence[int] | None) -> None:
+            if slot is not None and free is not None:
+                worker, index = slot  # a tuple, or a list once pin_memory has been through the batch
+                free[int(worker), int(index)] = 1
+        return release
 
     def _seeded(self, epoch: int, i: int):
         return _CpuSeed(sample_seeds(self.seed, [(epoch, i)])[0])
@@ -353,12 +356,11 @@ def raise_worker_errors(batches: Iterable, samples: SeededSamples | None = None)
     process as the original one-line FacebceError. Given the `samples` (with `recycle`), it starts
     their buffer ring before the loader's workers and hands each batch's buffer back when the next
     batch is asked for, yielding (images, labels)."""
-    if samples is not None:
-        samples.start_ring()
+    release = samples.start_ring() if samples is not None else None
     it, slot = iter(batches), None
     while True:
         if slot is not None:  # the consumer is done with the previous batch
-            samples.release(slot)
+            release(slot)
             slot = None
         try:
             batch = next(it)
@@ -369,7 +371,7 @@ def raise_worker_errors(batches: Iterable, samples: SeededSamples | None = None)
         if isinstance(batch, (tuple, list)) and len(batch) == 3:
             images, labels, slot = batch
             batch = (images, labels)
-            if samples is None:
+            if release is None:
                 slot = None  # nobody to hand it back to: its worker makes a fresh buffer instead
         yield batch
 

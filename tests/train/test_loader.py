@@ -192,11 +192,11 @@ def test_recycled_worker_buffers_are_reused_and_every_batch_is_exact(tmp_path):
         seen += 1
     assert seen == len(keys) == 27
     # the same loader read by hand: which buffer each batch came in
-    samples.start_ring()
+    release = samples.start_ring()
     slots = []
     for x, y, slot in loader:
         slots.append(slot)
-        samples.release(slot)
+        release(list(slot))  # as a list too: what pin_memory makes of the tuple
     assert None not in slots and {w for w, _ in slots} == {0, 1}
     assert {s for _, s in slots} <= set(range(4)) and len(slots) == 27  # 27 batches in 8 buffers
 
@@ -215,6 +215,12 @@ def test_batches_never_released_are_never_overwritten(tmp_path):
         assert torch.equal(x, want_x) and torch.equal(y, want_y)
     with pytest.raises(ValueError, match="recycle"):
         SeededSamples(samples.ds, seed=4, recycle=-1)
+    # a ring's release writes to that ring's flags only, never to a later loader's
+    old_release = samples.start_ring()
+    samples.start_ring()
+    samples._free[0, 0] = 0  # held by the new loader's consumer
+    old_release((0, 0))
+    assert samples._free[0, 0] == 0
 
 
 def test_uint8_copy_of_every_kind_of_view_is_exact():
