@@ -1,10 +1,32 @@
 """Data layer: RecordIO (.rec/.idx/property), image folders, verification .bin, synthetic identities.
 
-Imports nothing else of facebce but facebce.errors and facebce.fileio."""
-from facebce.data.image_folder import ImageFolderDataset, scan_image_folder
-from facebce.data.rec_dataset import RecDataset, read_property
-from facebce.data.pack import PACK_FILES, PackSummary, pack_image_folder
-from facebce.data.recordio import IndexedRecordReader, IRHeader, RecordIOWriter
-from facebce.data.recordio import pack_image_record, unpack_image_record
-from facebce.data.synthetic import SyntheticFaceDataset, SyntheticFaces, make_pairs, write_image_folder
-from facebce.data.verification_bin import VerificationSet, load_bin, save_bin
+Imports nothing else of facebce but facebce.errors and facebce.fileio. The names below load their
+module on first use: alignment, RecordIO and .bin files need no torch, the datasets do."""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    **dict.fromkeys(("ImageFolderDataset", "scan_image_folder"), "facebce.data.image_folder"),
+    **dict.fromkeys(("RecDataset", "read_property"), "facebce.data.rec_dataset"),
+    **dict.fromkeys(("PACK_FILES", "PackSummary", "pack_image_folder"), "facebce.data.pack"),
+    **dict.fromkeys(("IndexedRecordReader", "IRHeader", "RecordIOWriter", "pack_image_record",
+                     "unpack_image_record"), "facebce.data.recordio"),
+    **dict.fromkeys(("SyntheticFaceDataset", "SyntheticFaces", "make_pairs", "write_image_folder"),
+                    "facebce.data.synthetic"),
+    **dict.fromkeys(("VerificationSet", "load_bin", "save_bin"), "facebce.data.verification_bin"),
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'facebce.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from facebce.errors import FacebceError, ModelError
 from facebce.fileio import torch_load_weights_only
-from facebce.models import build_backbone, list_backbones, load_insightface_weights
+from facebce import models  # its backbones (and torch) load on first use: ONNX files need neither
 from facebce.models.card import MODEL_CARD, ModelCard, read_model_card
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MODEL_CARD", "Classifier", "ModelCard", "ModelSpec", "class_scores",
@@ -84,12 +84,12 @@ class ModelSpec:
             where = self.path / MODEL_CARD
             try:
                 _check_fits_weights(card, self.path / card.weights)
-                model = build_backbone(card.arch, embedding_size=card.embedding_size, **card.options)
+                model = models.build_backbone(card.arch, embedding_size=card.embedding_size, **card.options)
             except ModelError as e:  # unknown arch, an option value its builder refuses, too big for the file
                 raise ModelError(f"{where}: arch/options: {e}") from None
         else:
-            model = build_backbone(self.arch, embedding_size=self.embedding_size)
-        return load_insightface_weights(model, self.weights_file).eval()
+            model = models.build_backbone(self.arch, embedding_size=self.embedding_size)
+        return models.load_insightface_weights(model, self.weights_file).eval()
 
     def classifier(self) -> "Classifier":
         """The run's closed-set classifier (class centres, score kind, thresholds); a one-line
@@ -169,7 +169,7 @@ def _check_fits_weights(card: ModelCard, weights: Path) -> None:
     import torch
 
     with torch.device("meta"):
-        model = build_backbone(card.arch, embedding_size=card.embedding_size, **card.options)
+        model = models.build_backbone(card.arch, embedding_size=card.embedding_size, **card.options)
     need = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     size = weights.stat().st_size if weights.is_file() else 0
     if need > size:
@@ -232,7 +232,7 @@ def _check_kind(path: Path, arch: str | None) -> None:
     suffix = path.suffix.lower()
     if suffix in _TORCH_SUFFIXES and arch is None:
         raise ModelError(f"{path}: an insightface .pth needs its architecture (--arch one of "
-                         f"{', '.join(list_backbones())})")
+                         f"{', '.join(models.list_backbones())})")
     if suffix not in (".onnx", *_TORCH_SUFFIXES):
         raise ModelError(f"{path}: unknown model file type {suffix or '(none)'}; "
                          "expected .onnx, .pth or a training run folder")

@@ -9,6 +9,9 @@ An ONNX file's preprocessing comes from, in order: the `preprocess=` argument, f
 keys (written by `facebce.deploy.export_onnx`), else insightface model_zoo's node-name rule
 (docs/formats.md §7), so that any arcface_torch / insightface model runs as insightface runs it.
 
+torch is imported only by `TorchEmbedder`, so `OnnxEmbedder` (the service, galleries, eval of
+ONNX files) runs in a process that never loads it.
+
 It is over 450 lines because both runners share one path for batching, flip-sum, output checks
 and normalisation, and OnnxEmbedder's batch probe and session layouts (one session, or one per
 core, measured) act on the session it owns; split apart, each half would reach into the other.
@@ -26,15 +29,18 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
-from torch import nn
 from tqdm import tqdm
 
 from facebce.errors import ConfigError, DataFormatError, ModelError
+
+if TYPE_CHECKING:  # torch is imported by TorchEmbedder itself: the ONNX path runs without it
+    import torch
+    from torch import nn
 
 __all__ = ["META_COLOR", "META_LEARNED_THRESHOLD", "META_MEAN", "META_STD", "META_THRESHOLD", "OnnxEmbedder",
            "Preprocess", "TorchEmbedder", "default_providers", "insightface_preprocess", "ort_session_options",
@@ -537,6 +543,8 @@ class TorchEmbedder(_Embedder):
     def __init__(self, model: nn.Module, preprocess: Preprocess | None = None, device: str | torch.device | None = None,
                  batch_size: int = 64, flip: bool = False, normalize: bool = True, channels_last: bool = False,
                  autocast_dtype: torch.dtype | None = None, progress: bool | None = None):
+        import torch
+
         preprocess = preprocess or Preprocess()
         if preprocess.input_size is None:
             size = getattr(model, "input_size", None)
@@ -556,6 +564,8 @@ class TorchEmbedder(_Embedder):
 
     @contextlib.contextmanager
     def _running(self) -> Iterator[None]:
+        import torch
+
         was_training = self.model.training
         self.model.eval()
         try:
@@ -565,6 +575,8 @@ class TorchEmbedder(_Embedder):
             self.model.train(was_training)
 
     def _run(self, blob: np.ndarray) -> np.ndarray:
+        import torch
+
         x = torch.from_numpy(blob).to(self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
