@@ -9,7 +9,8 @@ a warm-up. Areas (--only picks some):
   data     the trainer's input pipeline (.rec read + decode + flip + uint8 batching through the
            DataLoader with 0 and 2 workers, then the step's normalise_batch; two epochs from the
            DataLoader's start, as the trainer's one loader for the run) vs a bare cv2.imdecode loop
-           over the same records' bytes with as many threads (the decode limit).
+           over the same records' bytes with as many threads (the decode limit); with 2 workers
+           also the workers' recycled batch buffers vs a fresh one per batch, alternately.
   train    r50 / mbf + bce_u_norm forward + backward + SGD step at batch 32 on the CPU: facebce's
            engine (Trainer) with its default auto setting (amp/channels_last chosen by timing at the
            start, facebce.train.autotune; the row carries the target) and each fixed setting, vs a
