@@ -58,6 +58,10 @@ OUTPUT_NAME = "embedding"
 # Per-sample cosine vs torch eager that each file must reach: fp32 is the §7 parity rule; the
 # reduced-precision variants are approximations, held to what a correct conversion reaches.
 MIN_COSINE = {"fp32": 0.99999, "fp16": 0.999, "int8": 0.95, "int8-static": 0.95}
+# Judged on real faces only: calibrated on faces, a static int8 model clips activations that random
+# pixels push past the calibrated ranges, which says nothing of how it embeds faces.
+FACES_ONLY = ("int8-static",)
+_N_CALIB_PARITY = 32  # calibration faces that stand in for parity crops when none are given
 VARIANTS = ("fp16", "int8", "int8-static")  # int8-static: facebce.deploy.quantize, needs calibration faces
 VARIANTS_DIR = "variants"  # beside the fp32 model: insightface's folder glob (*.onnx) never sees them
 # metadata keys of the thresholds (module docstring)
@@ -79,6 +83,7 @@ class VariantReport:
     size_bytes: int
     min_cosine: float | None  # per-sample cosine vs torch eager; None when check=False
     max_abs_diff: float | None  # on the raw (un-normalised) embeddings
+    n_images: int | None = None  # the images it was checked on (faces only for a calibrated variant)
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,8 @@ class ExportReport:
             lines.append("  no pair threshold recorded (give --threshold T or --threshold calibrated:CALIB.json)")
         for name, v in self.variants.items():
             check = ("not parity-checked" if v.min_cosine is None else
-                     f"min cosine vs PyTorch {v.min_cosine:.7f} over {self.n_parity_images} images, "
+                     f"min cosine vs PyTorch {v.min_cosine:.7f} over {v.n_images or self.n_parity_images} "
+                     f"{'faces' if name in FACES_ONLY else 'images'}, "
                      f"max |diff| {v.max_abs_diff:.2e}")
             lines.append(f"  {name:5} {v.path}: {v.size_bytes / 1e6:.1f} MB, {check}")
         lines.append(f"  report: {self.report_path}")
@@ -198,7 +204,8 @@ def export_onnx(backbone: nn.Module, out_path: str | os.PathLike, *, opset: int 
     `metadata` takes plain values for the keys backbone, head, bias, learned_threshold (the head's
     b/γ, recorded with learned_threshold_kind "class_centre") and threshold (a PAIR threshold; its
     provenance is `threshold_provenance`, see `pair_threshold_metadata`; None: the user's).
-    `parity_images` are aligned uint8 N x S x S x 3 BGR crops, checked along with random images.
+    `parity_images` are aligned uint8 N x S x S x 3 BGR crops, checked along with random images
+    (`FACES_ONLY` variants: the crops alone, else the first calibration faces).
     `calib_images` (same form, `facebce.deploy.quantize.calibration_images`) calibrate 'int8-static'.
     Raises ModelError (leaving no file) when a file misses its `MIN_COSINE`.
     """
@@ -220,7 +227,17 @@ def export_onnx(backbone: nn.Module, out_path: str | os.PathLike, *, opset: int 
             _convert(temps["fp32"], temps[name], name, calib_images)
         images = _parity_inputs(parity_images, side) if check else None
         reference = TorchEmbedder(model, normalize=False).embed(images) if check else None
-        reports = {name: _variant_report(name, temps[name], paths[name], reference, images) for name in paths}
+        reports = {}
+        for name in paths:
+            imgs, ref = images, reference
+            if check and name in FACES_ONLY:  # the given crops (first in `images`), else calibration faces
+                n_real = 0 if parity_images is None else len(parity_images)
+                if n_real:
+                    imgs, ref = images[:n_real], reference[:n_real]
+                else:
+                    imgs = np.asarray(calib_images)[:_N_CALIB_PARITY]
+                    ref = TorchEmbedder(model, normalize=False).embed(imgs)
+            reports[name] = _variant_report(name, temps[name], paths[name], ref, imgs)
         for name in variants:  # the fp32 model last: a reader of `out` finds its variants already there
             _publish(temps[name], paths[name])
         _publish(temps["fp32"], out)
@@ -469,7 +486,7 @@ def _variant_report(name: str, temp: Path, final: Path, reference: np.ndarray | 
     if min_cos < MIN_COSINE[name]:
         raise ModelError(f"{final}: {name} export fails parity with torch eager: min cosine {min_cos:.6f} "
                          f"< {MIN_COSINE[name]} over {len(images)} images (nothing written)")
-    return VariantReport(str(final), size, min_cos, max_diff)
+    return VariantReport(str(final), size, min_cos, max_diff, len(images))
 
 
 def _interval(text: str) -> str:

@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from facebce.deploy import OnnxEmbedder, export_onnx
 from facebce.deploy.export import convert_variant
@@ -64,6 +65,9 @@ def test_int8_static_variant_is_qdq_per_channel_and_keeps_metadata(mbf_static):
     report, calib = mbf_static
     v = report.variants["int8-static"]
     assert v.min_cosine >= 0.95  # export_onnx's parity rule for int8 variants held
+    # judged on the 4 parity faces alone (random pixels lie outside its calibrated ranges); fp32 on 4 + 8 random
+    assert (v.n_images, report.variants["fp32"].n_images, report.n_parity_images) == (4, 12, 12)
+    assert "int8-static" in report.summary() and "over 4 faces" in report.summary()
     model = onnx.load(v.path)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 20 and ops.count("DequantizeLinear") > 20
@@ -77,6 +81,15 @@ def test_int8_static_variant_is_qdq_per_channel_and_keeps_metadata(mbf_static):
     fp32 = OnnxEmbedder(report.path, providers=["CPUExecutionProvider"]).embed(calib[4:12])
     int8 = OnnxEmbedder(v.path, providers=["CPUExecutionProvider"]).embed(calib[4:12])  # reads the same metadata
     assert np.min(np.sum(fp32 * int8, axis=1)) > 0.95
+
+
+def test_int8_static_without_parity_crops_is_judged_on_calibration_faces(tmp_path, mbf_static):
+    _, calib = mbf_static
+    torch.manual_seed(1)
+    model = randomise_(build_backbone("mbf")).eval()
+    report = export_onnx(model, tmp_path / "m.onnx", variants=["int8-static"], calib_images=calib[:20])
+    v = report.variants["int8-static"]
+    assert v.n_images == 20 and v.min_cosine >= 0.95 and report.variants["fp32"].n_images == 8  # random only
 
 
 def test_int8_static_needs_calibration_and_preprocessing(tmp_path, mbf_static):
