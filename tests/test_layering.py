@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "facebce"
 
 # Layer -> the facebce layers it may import (besides itself and the shared ones).
-SHARED = {"facebce", "errors", "fileio", "resources"}  # the root (__version__), errors, I/O, shipped resources
+SHARED = {"facebce", "errors", "fileio", "lazy", "resources"}  # root (__version__), errors, I/O, lazy names, resources
 LAYERS = {
     "data": set(),
     "models": set(),
@@ -25,7 +25,8 @@ LAYERS = {
     "serve": {"deploy", "eval", "data", "models", "heads"},
     "cli": {"data", "models", "heads", "eval", "train", "deploy", "serve"},
 }
-SHARED_MAY_IMPORT = {"facebce": set(), "errors": set(), "fileio": {"errors"}, "resources": {"errors", "fileio"}}
+SHARED_MAY_IMPORT = {"facebce": set(), "errors": set(), "fileio": {"errors"}, "lazy": set(),
+                     "resources": {"errors", "fileio"}}
 MAX_LINES = 450
 
 

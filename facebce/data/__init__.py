@@ -1,10 +1,10 @@
 """Data layer: RecordIO (.rec/.idx/property), image folders, verification .bin, synthetic identities.
 
-Imports nothing else of facebce but facebce.errors and facebce.fileio. The names below load their
+Imports nothing else of facebce but facebce.errors, .fileio and .lazy. The names below load their
 module on first use: alignment, RecordIO and .bin files need no torch, the datasets do."""
 from __future__ import annotations
 
-import importlib
+from facebce.lazy import lazy_attributes
 
 _LAZY = {
     **dict.fromkeys(("ImageFolderDataset", "scan_image_folder"), "facebce.data.image_folder"),
@@ -18,15 +18,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'facebce.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)

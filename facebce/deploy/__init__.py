@@ -4,7 +4,7 @@ The names below load their module on first use, so a gallery or the service does
 export code (and torch with it)."""
 from __future__ import annotations
 
-import importlib
+from facebce.lazy import lazy_attributes
 
 __all__ = ["ExportReport", "Gallery", "Match", "OnnxEmbedder", "SearchResult", "VariantReport", "convert_variant",
            "export_onnx", "open_gallery", "recall_against_exact"]
@@ -12,15 +12,4 @@ _LAZY = {**dict.fromkeys(("ExportReport", "VariantReport", "convert_variant", "e
          **dict.fromkeys(("Gallery", "Match", "SearchResult", "recall_against_exact"), "facebce.deploy.gallery"),
          "open_gallery": "facebce.deploy.stores", "OnnxEmbedder": "facebce.models.embedder"}
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'facebce.deploy' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)

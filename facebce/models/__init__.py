@@ -2,7 +2,7 @@
 
 Every backbone maps a 112x112 RGB face in [-1, 1] to an un-normalised embedding, has the module tree
 of its insightface counterpart (so `.pth` files from arcface_torch load as they are), and exposes
-`embedding_size` and `input_size`. Imports nothing else of facebce but facebce.errors and facebce.fileio;
+`embedding_size` and `input_size`. Imports nothing else of facebce but facebce.errors, .fileio and .lazy;
 `facebce.models.card` is the training run's model card (model.json).
 
 The names below live in `facebce.models.backbones` and load it (and torch) on first use, so the
@@ -11,21 +11,10 @@ evaluation of ONNX files - runs without importing torch (~3.7 s and ~180 MB per 
 """
 from __future__ import annotations
 
-import importlib
+from facebce.lazy import lazy_attributes
 
 __all__ = ["IResNet", "MobileFaceNet", "build_backbone", "describe_backbones", "list_backbones",
            "load_insightface_weights", "register_backbone"]
 _LAZY = {name: "facebce.models.backbones" for name in (*__all__, "BUILD_ERRORS")}
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'facebce.models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_attributes(__name__, globals(), _LAZY)
