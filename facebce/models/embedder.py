@@ -316,7 +316,8 @@ class OnnxEmbedder(_Embedder):
     default) measures, once per embedder, when the model has a fixed batch (e.g. MobileFaceNet's
     1), the CPU several cores and a job at least 64 calls: alternately (twice) 1 s of calls on the
     one session with a thread per core and 1 s on one single-threaded session per core (as many as
-    fit in 2 GiB of weights), on the job's own images. The faster runs the rest of that job and
+    fit in 2 GiB of weights), on the job's own images (a job that ends first leaves the rest of the
+    measuring to the next job of 64 calls or more). The faster runs the rest of that job and
     later ones (`layout` says which, `layout_rates` the calls per second measured). A batch-1 model
     keeps two cores busier as two single-threaded sessions than as one with two threads on some
     CPUs, and not on others. A model that takes any batch keeps one session: its batch fills the
@@ -340,6 +341,7 @@ class OnnxEmbedder(_Embedder):
         self._session = self._new_session(path, intra_op_threads)
         self._pool: list | None = None  # the parallel sessions, made when first needed
         self._many: bool | None = None  # whether calls run on the parallel sessions, once decided
+        self._timing = {False: [0, 0.0], True: [0, 0.0]}  # sessions="auto": [calls, seconds] per layout
         self.layout: str | None = None  # how calls ran: "1 session x T threads" / "N sessions x T threads"
         self.layout_rates: dict[str, float] = {}  # calls/s of each layout when "auto" measured them
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
@@ -414,29 +416,37 @@ class OnnxEmbedder(_Embedder):
         return self._run_parallel(blobs) if many else map(self._run, blobs)
 
     def _measure_then_run(self, blobs: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-        """sessions="auto": run the job's first calls alternately (twice) on each layout for
-        `_STRETCH_SECONDS`, counting calls per second, then the rest on the faster."""
-        done = {False: [0, 0.0], True: [0, 0.0]}  # layout -> [calls, seconds]
+        """sessions="auto": run the calls in alternate timed stretches on each layout until each has
+        run 2 x `_STRETCH_SECONDS`, then the rest on the faster. A job that ends mid-measurement leaves
+        the timings on the embedder and the next job goes on from them: the consumer stops pulling at
+        its last output, so the decision is made before a stretch's outputs are handed out."""
+        timing = self._timing  # layout (many?) -> [calls, seconds], over this embedder's jobs
         self._parallel_sessions()  # made and warmed outside the timing
-        for _ in range(2):
-            for many in (False, True):
-                deadline = time.perf_counter() + _STRETCH_SECONDS
+        blobs = iter(blobs)
+        while self._many is None:
+            many = timing[True][1] < timing[False][1]  # the layout behind runs up to its next whole stretch
+            spent = timing[many][1]
+            start = time.perf_counter()
+            deadline = start + (math.floor(spent / _STRETCH_SECONDS) + 1) * _STRETCH_SECONDS - spent
+            ended = []
 
-                def stretch() -> Iterator[np.ndarray]:
-                    for blob in blobs:
-                        done[many][0] += 1
-                        yield blob
-                        if time.perf_counter() >= deadline:
-                            return
-                start = time.perf_counter()
-                outputs = list(self._run_parallel(stretch()) if many else map(self._run, stretch()))
-                done[many][1] += time.perf_counter() - start
-                yield from outputs
-        if done[False][0] and done[True][0]:  # else the job ended while measuring: decide on a later one
-            self.layout_rates = {self._describe(many): calls / seconds for many, (calls, seconds) in done.items()}
-            faster = self._many = done[True][0] / done[True][1] > done[False][0] / done[False][1]
-            self.layout = self._describe(faster)
-            yield from (self._run_parallel(blobs) if faster else map(self._run, blobs))
+            def stretch() -> Iterator[np.ndarray]:
+                for blob in blobs:
+                    timing[many][0] += 1
+                    yield blob
+                    if time.perf_counter() >= deadline:
+                        return
+                ended.append(True)
+            outputs = list(self._run_parallel(stretch()) if many else map(self._run, stretch()))
+            timing[many][1] += time.perf_counter() - start
+            if min(timing[False][1], timing[True][1]) >= 2 * _STRETCH_SECONDS:
+                self.layout_rates = {self._describe(m): calls / seconds for m, (calls, seconds) in timing.items()}
+                self._many = timing[True][0] / timing[True][1] > timing[False][0] / timing[False][1]
+                self.layout = self._describe(self._many)
+            yield from outputs
+            if ended:
+                return
+        yield from (self._run_parallel(blobs) if self._many else map(self._run, blobs))
 
     def _run_parallel(self, blobs: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Each blob on whichever parallel session is free, at most two per session queued; in order."""

@@ -193,6 +193,39 @@ def test_auto_measures_both_layouts_on_a_long_job_and_keeps_the_faster(tmp_path,
     assert any_batch.layout == "1 session x 2 threads" and any_batch.layout_rates == {}
 
 
+def test_auto_goes_on_measuring_over_jobs_shorter_than_the_measurement(tmp_path, monkeypatch):
+    # A job that ends mid-measurement (a fast CPU, chunked work such as evaluation's 256 images) must
+    # not throw its timings away: the next job goes on from them, and the choice is made once both
+    # layouts have had their time, even though no job ever reaches the end of the measuring.
+    import facebce.models.embedder as embedder
+
+    monkeypatch.setattr(embedder, "available_cores", lambda: 2)
+    monkeypatch.setattr(embedder, "_STRETCH_SECONDS", 100.0)  # a reading is 1 s: a job (80 calls) ends first
+    monkeypatch.setattr(embedder.time, "perf_counter", _clock := _SteppedClock(step=1.0))
+    path = _channel_mean_model(tmp_path / "m.onnx", batch=1)
+    images = _crops(40, seed=5)  # 80 calls a job
+    auto = OnnxEmbedder(path, flip=True, progress=False)
+    expected = OnnxEmbedder(path, flip=True, sessions=1).embed(images)
+    for _ in range(20):  # each job is ~80 clock steps: 2 x 100 per layout takes ~5 jobs
+        np.testing.assert_allclose(auto.embed(images), expected, atol=1e-6)
+        if auto.layout_rates:
+            break
+    assert set(auto.layout_rates) == {"1 session x 2 threads", "2 sessions x 1 thread"}, _clock.now
+    assert auto.layout == max(auto.layout_rates, key=auto.layout_rates.get)
+    np.testing.assert_allclose(auto.embed(images), expected, atol=1e-6)
+
+
+class _SteppedClock:
+    """A perf_counter that moves `step` seconds at each reading (the measurement's clock, made cheap)."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
 @pytest.mark.parametrize("sessions", [0, -1, 1.5, True, "two"])
 def test_bad_sessions_are_one_line(tmp_path, sessions):
     with pytest.raises(ModelError, match=r"sessions=.*expected a positive int or 'auto'"):
