@@ -38,7 +38,8 @@ test-slow: install
 demo: install
 	$(BIN)/python tools/demo.py --out $(DEMO)
 
-# every benchmark beside its same-run baseline, one table (runs/bench/bench.md + bench.json); ~15 min on 2 cores.
+# every benchmark beside its same-run baseline, one table (runs/bench/bench.md + bench.json); 2 cores: 7.5 min
+# (Zen 4) to 49 min (Zen 2: no bf16 instructions, the bf16 training rows run emulated).
 # BENCH_ARGS="--only data gallery" or "--quick" (a smoke run) to narrow it.
 bench: install
 	$(BIN)/python tools/bench/suite.py --out runs/bench $(BENCH_ARGS)
