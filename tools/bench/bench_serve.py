@@ -195,14 +195,20 @@ def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say,
         store.close()
         return gallery
 
+    def bracketed(embedder, gallery, url: str, images: list[bytes], clients: int, requests: int,
+                  aligner=None) -> dict:
+        """The service's load figures at one level, and the bare loop's rate on the same images: half
+        of it just before the level and half just after, so a drift in the machine's speed during the
+        level weighs on both sides of the ratio."""
+        before = bare_rate(embedder, gallery, images, aligner=aligner, seconds=seconds / 6)
+        r = _arun(load(url, images, clients, requests, seconds))
+        r["bare_rps"] = (before + bare_rate(embedder, gallery, images, aligner=aligner, seconds=seconds / 6)) / 2
+        r["ratio"] = r["rps"] / r["bare_rps"]
+        return r
+
     def identify_level(label: str, embedder, gallery, url: str, clients: int) -> dict:
-        # the bare loop brackets each level (half before, half after): a drift in the machine's speed
-        # during the level weighs on both sides of the ratio
-        before = bare_rate(embedder, gallery, probes, seconds=seconds / 6)
-        r = _arun(load(url, probes, clients, per_level[clients], seconds))
-        bare = (before + bare_rate(embedder, gallery, probes, seconds=seconds / 6)) / 2
-        r["bare_rps"], r["ratio"] = bare, r["rps"] / bare
-        log(f"  identify, {label}: {r['rps']:.1f} req/s (bare {bare:.1f} img/s, {r['ratio']:.2f}x), "
+        r = bracketed(embedder, gallery, url, probes, clients, per_level[clients])
+        log(f"  identify, {label}: {r['rps']:.1f} req/s (bare {r['bare_rps']:.1f} img/s, {r['ratio']:.2f}x), "
             f"p50 {r['p50_ms']:.0f} / p95 {r['p95_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, "
             f"{r['errors']} errors in {r['requests']}")
         return r
@@ -223,14 +229,10 @@ def run(quick: bool = False, detector: bool = False, levels=(1, 4, 16), log=say,
             result["levels"] = [identify_level(f"{clients:2d} clients", embedder, gallery, url, clients)
                                 for clients in levels]
             if detector:
-                before = bare_rate(embedder, gallery, raw, aligner=aligner, seconds=seconds / 6)
-                r = _arun(load(url, raw, 4, 40 if quick else 160, seconds))
-                bare = (before + bare_rate(embedder, gallery, raw, aligner=aligner, seconds=seconds / 6)) / 2
-                r["bare_rps"], r["ratio"] = bare, r["rps"] / bare
-                result["detector"] = r
-                log(f"  identify framed photos (detect + align), 4 clients: {r['rps']:.1f} req/s (bare {bare:.1f} "
-                    f"img/s, {r['ratio']:.2f}x), p50 {r['p50_ms']:.0f} / p99 {r['p99_ms']:.0f} ms, "
-                    f"{r['errors']} errors")
+                r = result["detector"] = bracketed(embedder, gallery, url, raw, 4, 40 if quick else 160, aligner)
+                log(f"  identify framed photos (detect + align), 4 clients: {r['rps']:.1f} req/s "
+                    f"(bare {r['bare_rps']:.1f} img/s, {r['ratio']:.2f}x), p50 {r['p50_ms']:.0f} / "
+                    f"p99 {r['p99_ms']:.0f} ms, {r['errors']} errors")
             import httpx
             metrics = httpx.get(url + "/metrics", timeout=10).text
             result["embed_batches"] = _batch_summary(metrics, "embed")
